@@ -106,36 +106,37 @@ class IteraLiteConfig(PreTrainedConfig):
         )
 
     def _validate(self) -> None:
-        positive_ints = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "head_dim",
-            "conv_kernel", "chunk_size", "intermediate_size", "moe_layer_period",
+        def positive_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        def positive_float(v):
+            return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+        d_inner = self.expand * self.hidden_size if positive_int(self.expand) and positive_int(self.hidden_size) else 0
+        rules = [(name, positive_int, "a positive int") for name in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "head_dim", "conv_kernel",
+            "chunk_size", "intermediate_size", "moe_layer_period")]  # fmt: skip
+        rules += [(name, positive_float, "a finite float > 0") for name in (
+            "time_step_min", "time_step_max", "time_step_floor", "rms_norm_eps", "initializer_range")]  # fmt: skip
+        rules += [
+            ("num_experts", lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0 disables MoE)"),
+            ("head_dim", lambda v: d_inner % v == 0, f"a divisor of expand * hidden_size = {d_inner}"),
+            ("time_step_max", lambda v: v >= self.time_step_min, f">= time_step_min={self.time_step_min}"),
+            ("router_aux_loss_coef", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+             "a finite float >= 0"),
+            ("moe_layer_offset", lambda v: isinstance(v, int) and 0 <= v < self.moe_layer_period,
+             f"an int in [0, moe_layer_period={self.moe_layer_period})"),
         ]  # fmt: skip
-        for name in positive_ints:
-            _check(name, getattr(self, name), isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                   "a positive int")  # fmt: skip
-        _check("num_experts", self.num_experts, isinstance(self.num_experts, int) and self.num_experts >= 0,
-               "an int >= 0 (0 disables MoE)")  # fmt: skip
-        if self.num_experts > 0:
-            _check("num_experts_per_tok", self.num_experts_per_tok,
-                   isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok <= self.num_experts,
-                   f"an int in [1, num_experts={self.num_experts}]")  # fmt: skip
-            _check("moe_intermediate_size", self.moe_intermediate_size,
-                   isinstance(self.moe_intermediate_size, int) and self.moe_intermediate_size > 0, "a positive int")  # fmt: skip
-        _check("moe_layer_offset", self.moe_layer_offset,
-               isinstance(self.moe_layer_offset, int) and 0 <= self.moe_layer_offset < self.moe_layer_period,
-               f"an int in [0, moe_layer_period={self.moe_layer_period})")  # fmt: skip
-        d_inner = self.expand * self.hidden_size
-        _check("head_dim", self.head_dim, d_inner % self.head_dim == 0,
-               f"a divisor of expand * hidden_size = {d_inner}")  # fmt: skip
-        for name in ["time_step_min", "time_step_max", "time_step_floor", "rms_norm_eps", "initializer_range"]:
+        if self.num_experts:
+            rules += [
+                ("num_experts_per_tok", lambda v: isinstance(v, int) and 1 <= v <= self.num_experts,
+                 f"an int in [1, num_experts={self.num_experts}]"),
+                ("moe_intermediate_size", positive_int, "a positive int"),
+            ]  # fmt: skip
+        for name, ok, expected in rules:
             value = getattr(self, name)
-            _check(name, value, isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                   "a finite float > 0")  # fmt: skip
-        _check("time_step_max", self.time_step_max, self.time_step_max >= self.time_step_min,
-               f">= time_step_min={self.time_step_min}")  # fmt: skip
-        _check("router_aux_loss_coef", self.router_aux_loss_coef,
-               isinstance(self.router_aux_loss_coef, (int, float)) and math.isfinite(self.router_aux_loss_coef)
-               and self.router_aux_loss_coef >= 0, "a finite float >= 0")  # fmt: skip
+            if not ok(value):
+                raise ValueError(f"IteraLiteConfig.{name} must be {expected}, got {value!r}")
 
     @property
     def intermediate_ssm_size(self) -> int:
@@ -159,11 +160,6 @@ class IteraLiteConfig(PreTrainedConfig):
     def layer_types(self) -> list[str]:
         """Tells `DynamicCache` to hold one conv state and one recurrent state per layer."""
         return ["linear_attention"] * self.num_hidden_layers
-
-
-def _check(name: str, value, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"IteraLiteConfig.{name} must be {expected}, got {value!r}")
 
 
 __all__ = ["IteraLiteConfig"]

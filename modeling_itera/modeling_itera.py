@@ -28,6 +28,17 @@ logger = logging.get_logger(__name__)
 A_INIT_RANGE = (1.0, 16.0)
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes held by a cache's tensors (all layers, all sequences of the batch). Works for attention caches too."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("conv_states", "recurrent_states", "keys", "values"):
+            held = getattr(layer, name, None)
+            tensors = held.values() if isinstance(held, dict) else [held]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
 class IteraLiteRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -140,7 +151,9 @@ class IteraLiteModel(IteraLitePreTrainedModel):
             self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[0] == 0:
-            raise ValueError(f"inputs_embeds must have shape (batch, length>0, hidden), got {tuple(inputs_embeds.shape)}")
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length>0, hidden), got {tuple(inputs_embeds.shape)}"
+            )
         if attention_mask is not None and attention_mask.shape[0] != inputs_embeds.shape[0]:
             raise ValueError(
                 f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {inputs_embeds.shape[0]}"
@@ -206,7 +219,9 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         tokens, so that it adds up to one mean over the accumulated batch, like the cross-entropy does.
         """
         has_moe = "moe" in self.config.layers_block_type
-        need_router_logits = has_moe and (labels is not None or output_router_logits or self.config.output_router_logits)
+        need_router_logits = has_moe and (
+            labels is not None or output_router_logits or self.config.output_router_logits
+        )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -254,7 +269,7 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         return torch.stack(losses).mean()
 
     def expert_usage(self, reset: bool = False) -> dict[int, list[int]]:
-        """Token slots served by each expert of each MoE layer since the last reset: {layer index: [count per expert]}."""
+        """Token slots each expert has served since the last reset: {MoE layer index: [count per expert]}."""
         usage = {}
         for i, layer in enumerate(self.model.layers):
             if layer.is_moe:
@@ -264,4 +279,4 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         return usage
 
 
-__all__ = ["IteraLitePreTrainedModel", "IteraLiteModel", "IteraLiteForCausalLM"]
+__all__ = ["IteraLitePreTrainedModel", "IteraLiteModel", "IteraLiteForCausalLM", "cache_nbytes"]

@@ -1,0 +1,103 @@
+"""Sparse MoE invariants: routing weights, top-k, empty experts, dense equivalence, and the aux loss."""
+
+from __future__ import annotations
+
+import torch
+
+from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
+from modeling_itera.moe import IteraLiteSparseMoE, load_balancing_loss, route
+
+from .conftest import TINY
+
+
+def make_moe(**overrides) -> IteraLiteSparseMoE:
+    moe = IteraLiteSparseMoE(IteraLiteConfig(**{**TINY, **overrides}))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+def test_routing_weights_sum_to_one_and_pick_exactly_k_distinct_experts():
+    logits = torch.randn(50, 6)
+    weights, experts = route(logits, top_k=3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+    assert experts.shape == (50, 3)
+    assert all(len(set(row)) == 3 for row in experts.tolist())
+    assert (weights >= 0).all()
+
+
+def test_tokens_per_expert_counts_k_slots_per_token():
+    moe = make_moe()
+    moe(torch.randn(3, 5, TINY["hidden_size"]))
+    assert moe.tokens_per_expert.sum().item() == 3 * 5 * TINY["num_experts_per_tok"]
+
+
+def test_an_expert_that_gets_no_token_is_fine():
+    moe = make_moe()
+    with torch.no_grad():  # a router that never picks expert 3
+        moe.router.weight[3] = 0
+        moe.router.weight[3, 0] = -100
+    x = torch.randn(2, 4, TINY["hidden_size"]).abs()
+    moe.reset_usage()
+    out, _ = moe(x)
+    assert moe.tokens_per_expert[3].item() == 0
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert moe.experts[3].down_proj.weight.grad is None or moe.experts[3].down_proj.weight.grad.abs().sum() == 0
+
+
+def test_top_k_equal_to_num_experts_is_the_dense_weighted_sum():
+    moe = make_moe(num_experts_per_tok=4)
+    x = torch.randn(2, 6, TINY["hidden_size"])
+    out, logits = moe(x)
+    probs = torch.softmax(logits, -1)
+    dense = sum(probs[:, e, None] * expert(x.reshape(-1, x.shape[-1])) for e, expert in enumerate(moe.experts))
+    torch.testing.assert_close(out.reshape(-1, x.shape[-1]), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_grows_when_collapsed():
+    uniform = torch.zeros(8, 4)
+    uniform[torch.arange(8), torch.arange(8) % 4] = 1e-3  # ties broken evenly
+    assert abs(load_balancing_loss(uniform, top_k=1).item() - 1.0) < 1e-2
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 0] = 10
+    assert load_balancing_loss(collapsed, top_k=1).item() > 3.5
+
+
+def test_load_balancing_loss_ignores_masked_tokens():
+    logits = torch.randn(6, 4)
+    mask = torch.tensor([1, 1, 1, 0, 0, 0])
+    torch.testing.assert_close(load_balancing_loss(logits, 2, mask), load_balancing_loss(logits[:3], 2))
+
+
+def test_aux_loss_is_finite_and_reaches_loss(tiny_config):
+    model = IteraLiteForCausalLM(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 10))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.aux_loss)
+    ce = model.loss_function(out.logits, ids, tiny_config.vocab_size)
+    torch.testing.assert_close(out.loss, ce + tiny_config.router_aux_loss_coef * out.aux_loss)
+    out.loss.backward()
+    assert model.model.layers[1].feed_forward.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_under_gradient_accumulation_adds_up_to_one_mean(tiny_config):
+    """With num_items_in_batch, two micro-batches' losses sum to the loss of the whole batch, aux term included."""
+    model = IteraLiteForCausalLM(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (4, 9))
+    labels = ids.clone()
+    labels[2:, :3] = -100  # unequal token counts per micro-batch
+    total = (labels[..., 1:] != -100).sum()
+    parts = [model(ids[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=total) for i in (0, 2)]
+    aux_expected = sum(p.aux_loss * (labels[i : i + 2, 1:] != -100).sum() / total for p, i in zip(parts, (0, 2)))
+    ce_sum = sum(model.loss_function(p.logits, labels[i : i + 2], 99, num_items_in_batch=total)
+                 for p, i in zip(parts, (0, 2)))  # fmt: skip
+    torch.testing.assert_close(parts[0].loss + parts[1].loss, ce_sum + tiny_config.router_aux_loss_coef * aux_expected)
+
+
+def test_expert_usage_reports_every_moe_layer(tiny_model, tiny_config):
+    tiny_model.expert_usage(reset=True)
+    tiny_model(torch.randint(0, 99, (1, 6)))
+    usage = tiny_model.expert_usage()
+    assert list(usage) == [i for i, t in enumerate(tiny_config.layers_block_type) if t == "moe"]
+    assert all(sum(counts) == 6 * tiny_config.num_experts_per_tok for counts in usage.values())

@@ -1,0 +1,1 @@
+"""Programs that train, fine-tune and evaluate Itera-Lite (run with `python -m training.<program>`)."""

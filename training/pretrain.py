@@ -1,0 +1,244 @@
+"""Pretrain Itera-Lite (or the Llama baseline) with `Trainer`.
+
+    python -m training.pretrain --train_file ../shared/data/tinystories/train.txt \
+        --valid_file ../shared/data/tinystories/valid.txt --output_dir runs/tiny
+
+Defaults come from a recipe in `configuration/recipes.json` (`--recipe`), the model shape from a preset in
+`configuration/models.json` (`--model_preset`, `--config_overrides "hidden_size=128,num_hidden_layers=2"`); every
+`TrainingArguments` field is a flag of its own (`--learning_rate`, `--max_steps`, `--bf16`, `--push_to_hub`, ...).
+Writes the model with its tokenizer and generation config (loadable by `AutoModelForCausalLM` and
+`pipeline("text-generation")`), `metrics.json` and `loss.png` into `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    GenerationConfig,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import modeling_itera
+from training import data, reports
+from training.tokenizer import load_or_train
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configuration"
+# What the shipped generation_config.json says; the pipeline would otherwise sample with its own defaults.
+GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1,
+                           max_new_tokens=200)  # fmt: skip
+
+
+@dataclass
+class ScriptArguments:
+    recipe: str = field(default="tinystories", metadata={"help": "A recipe of configuration/recipes.json."})
+    model_preset: str = field(default="tiny", metadata={"help": "A preset of configuration/models.json."})
+    arch: str = field(default="itera", metadata={"help": "itera, or llama for the transformer baseline."})
+    config_overrides: str | None = field(default=None, metadata={"help": "e.g. hidden_size=128,num_hidden_layers=2"})
+    init_from: str | None = field(default=None, metadata={"help": "A saved model to continue from (fine-tuning)."})
+    train_file: str | None = field(default=None, metadata={"help": "Local .txt/.jsonl file or folder."})
+    valid_file: str | None = field(default=None, metadata={"help": "Local .txt/.jsonl validation file."})
+    dataset_name: str = field(default="roneneldan/TinyStories", metadata={"help": "Hub dataset, if no train_file."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder (default: train one)."})
+    vocab_size: int = 8192
+    block_size: int = 256
+    max_eval_blocks: int | None = field(default=None, metadata={"help": "Blocks for evaluation during training."})
+    time_budget: float | None = field(default=None, metadata={"help": "Stop after this many seconds of training."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
+    data_cache_dir: str = ".cache/itera-data"
+    save_dtype: str = field(default="float32", metadata={"help": "Storage dtype of the final weights."})
+
+
+def load_json(name: str) -> dict:
+    return json.loads((CONFIG_DIR / name).read_text())
+
+
+def choose(table: dict, key: str, what: str) -> dict:
+    if key not in table or key.startswith("_"):
+        valid = ", ".join(k for k in table if not k.startswith("_"))
+        raise ValueError(f"unknown {what} {key!r}; valid {what}s: {valid}")
+    return dict(table[key])
+
+
+def parse_overrides(text: str | None) -> dict:
+    """ "a=1,b=0.5,c=true" -> {"a": 1, "b": 0.5, "c": True}, values parsed as JSON where they can be."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override {item!r} is not key=value")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def parse_args(argv: list[str] | None = None, default_recipe: str = "tinystories"):
+    """Recipe values become the parser's defaults, so any flag on the command line wins over the recipe."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    recipe_name = default_recipe
+    if "--recipe" in argv:
+        recipe_name = argv[argv.index("--recipe") + 1]
+    recipe = choose(load_json("recipes.json"), recipe_name, "recipe")
+    parser.set_defaults(recipe=recipe_name, output_dir=f"runs/{recipe_name}", report_to="none", **recipe)
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return script_args, training_args
+
+
+def build_model(args: ScriptArguments, tokenizer):
+    """A fresh model from a preset, or a saved one to continue from."""
+    if args.init_from:
+        return AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    preset = choose(load_json("models.json"), args.model_preset, "model preset")
+    preset.update(parse_overrides(args.config_overrides))
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    if args.arch == "itera":
+        return modeling_itera.IteraLiteForCausalLM(modeling_itera.IteraLiteConfig(**{**preset, **ids}))
+    if args.arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**{**preset, **ids}))
+    raise ValueError(f"unknown --arch {args.arch!r}; valid: itera, llama")
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training after `seconds` of wall-clock time (the equal-cost comparison), and saves a checkpoint."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start >= self.seconds:
+            control.should_training_stop = True
+
+
+class DivergenceGuard(TrainerCallback):
+    """A NaN or infinite loss stops training with an error, before a broken model is saved."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at step {state.global_step}: stopped before saving a broken model. "
+                f"Lower --learning_rate, keep --max_grad_norm, or resume from the last checkpoint."
+            )
+
+
+def steps_for_budget(model, args: ScriptArguments, training_args: TrainingArguments, vocab: int) -> int:
+    """Optimizer steps that fit in `time_budget`, from the timed cost of a few forward+backward passes, so the
+    learning-rate schedule ends when the budget does."""
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    ids = torch.randint(3, vocab, (training_args.per_device_train_batch_size, args.block_size))
+    model.train()
+    for i in range(4):
+        if i == 1:
+            start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    per_micro = (time.perf_counter() - start) / 3
+    per_step = per_micro * batch / training_args.per_device_train_batch_size * 1.1  # + optimizer and logging
+    return max(1, int(args.time_budget / per_step))
+
+
+def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> dict:
+    args, training_args = parse_args(argv, default_recipe)
+    torch.manual_seed(training_args.seed)
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_texts = data.load_texts(args.train_file or args.dataset_name, split="train")
+    if args.valid_file or not args.train_file:
+        valid_texts = data.load_texts(args.valid_file or args.dataset_name, split="validation")
+    else:
+        valid_texts = None
+    tokenizer_path = args.tokenizer or args.init_from or out / "tokenizer"
+    if args.tokenizer or args.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    else:
+        tokenizer = load_or_train(tokenizer_path, train_texts["text"], args.vocab_size)
+    train_blocks = data.tokenize_and_pack(train_texts, tokenizer, args.block_size, args.data_cache_dir)
+    eval_blocks = None
+    if valid_texts is not None:
+        eval_blocks = data.tokenize_and_pack(valid_texts, tokenizer, args.block_size, args.data_cache_dir)
+    if eval_blocks is None:
+        training_args.eval_strategy = "no"
+
+    model = build_model(args, tokenizer)
+    model.generation_config = GenerationConfig(
+        **GENERATION_DEFAULTS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    if args.time_budget and training_args.max_steps <= 0:
+        training_args.max_steps = steps_for_budget(model, args, training_args, len(tokenizer))
+    callbacks = [DivergenceGuard()] + ([TimeBudget(args.time_budget)] if args.time_budget else [])
+    eval_during = eval_blocks
+    if eval_blocks is not None and args.max_eval_blocks:
+        eval_during = eval_blocks.select(range(min(args.max_eval_blocks, len(eval_blocks))))
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_during,
+        data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    resume = get_last_checkpoint(str(out)) if args.resume else None
+    if args.resume and resume is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {out}")
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - start
+
+    metrics = {
+        "arch": args.arch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "global_step": trainer.state.global_step,
+        "train_tokens": trainer.state.global_step
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size)
+        * args.block_size,
+        "train_loss": train_result.training_loss,
+        "block_size": args.block_size,
+    }
+    if eval_blocks is not None:
+        eval_metrics = trainer.evaluate(eval_dataset=eval_blocks)
+        metrics["eval_loss"] = eval_metrics["eval_loss"]
+        metrics["perplexity"] = math.exp(eval_metrics["eval_loss"])
+    metrics["log_history"] = trainer.state.log_history
+    if trainer.is_world_process_zero():
+        reports.save_final(trainer.model, tokenizer, out, args.save_dtype)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        reports.plot_losses(trainer.state.log_history, out / "loss.png", title=f"{args.arch} {args.model_preset}")
+        if training_args.push_to_hub:
+            trainer.push_to_hub(commit_message="Itera-Lite trained with training.pretrain")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        result = main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=2))
