@@ -58,7 +58,9 @@ class ScriptArguments:
     vocab_size: int = 8192
     block_size: int = 256
     max_eval_blocks: int | None = field(default=None, metadata={"help": "Blocks for evaluation during training."})
-    time_budget: float | None = field(default=None, metadata={"help": "Stop after this many seconds of training."})
+    time_budget: float | None = field(
+        default=None, metadata={"help": "Stop (and checkpoint) after this many seconds of training."}
+    )
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     data_cache_dir: str = ".cache/itera-data"
     save_dtype: str = field(default="float32", metadata={"help": "Storage dtype of the final weights."})
@@ -129,6 +131,7 @@ class TimeBudget(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if time.perf_counter() - self.start >= self.seconds:
             control.should_training_stop = True
+            control.should_save = True  # so that --resume can go on from here
 
 
 class DivergenceGuard(TrainerCallback):
@@ -136,7 +139,7 @@ class DivergenceGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
+        if loss is not None and not math.isfinite(float(loss)):
             raise FloatingPointError(
                 f"training loss became {loss} at step {state.global_step}: stopped before saving a broken model. "
                 f"Lower --learning_rate, keep --max_grad_norm, or resume from the last checkpoint."
@@ -161,6 +164,8 @@ def steps_for_budget(model, args: ScriptArguments, training_args: TrainingArgume
 
 def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> dict:
     args, training_args = parse_args(argv, default_recipe)
+    # Trainer hides NaN/inf losses from its logs by default; the divergence guard needs to see them.
+    training_args.logging_nan_inf_filter = False
     torch.manual_seed(training_args.seed)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
     )  # fmt: skip
     if args.time_budget and training_args.max_steps <= 0:
         training_args.max_steps = steps_for_budget(model, args, training_args, len(tokenizer))
-    callbacks = [DivergenceGuard()] + ([TimeBudget(args.time_budget)] if args.time_budget else [])
+    callbacks = [DivergenceGuard()] + ([TimeBudget(args.time_budget)] if args.time_budget is not None else [])
     eval_during = eval_blocks
     if eval_blocks is not None and args.max_eval_blocks:
         eval_during = eval_blocks.select(range(min(args.max_eval_blocks, len(eval_blocks))))

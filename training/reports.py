@@ -47,7 +47,8 @@ def plot_losses(log_history: list[dict], path: str | Path, title: str = "") -> N
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or valid:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
