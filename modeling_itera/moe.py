@@ -81,6 +81,14 @@ class IteraLiteSparseMoE(nn.Module):
         router_logits = self.router(tokens)  # (t, e)
         weights, experts = route(router_logits, self.top_k)
 
+        if tokens.shape[0] == 1:  # one token (batch-1 decoding): run its k experts directly, nothing to sort
+            with torch.no_grad():
+                self.tokens_per_expert[experts[0]] += 1
+            out = 0
+            for slot, e in enumerate(experts[0].tolist()):
+                out = out + self.experts[e](tokens) * weights[:, slot : slot + 1].to(tokens.dtype)
+            return out.reshape(shape), router_logits
+
         # Dispatch: sort the t*k (token, expert) slots by expert, so each expert reads one contiguous slice.
         slot_expert = experts.reshape(-1)
         order = slot_expert.argsort(stable=True)

@@ -143,10 +143,8 @@ class RMSNormGated(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = y.dtype
-        y = (y * F.silu(z)).float()  # the mean of squares in fp32, as in every RMSNorm of this model
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(dtype)
+        gated = (y * F.silu(z)).float()  # the mean of squares in fp32, as in every RMSNorm of this model
+        return F.rms_norm(gated, gated.shape[-1:], self.weight.float(), self.eps).to(y.dtype)
 
 
 class IteraLiteMixer(nn.Module):
@@ -197,11 +195,13 @@ class IteraLiteMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
         """(b, l, d) -> (b, l, d). `attention_mask` (b, >= l), 1 for tokens and 0 for (left) padding."""
         b, l, _ = hidden_states.shape
+        prev_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        if l == 1 and prev_state is not None:
+            return self.step(hidden_states, cache, prev_state)
         mask = None
         if attention_mask is not None:
             # generate() passes the whole 2-D mask at every step; this call covers only its last l columns.
             mask = attention_mask[:, -l:, None].to(hidden_states.dtype)  # (b, l, 1)
-        prev_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:  # padding must not reach the conv window of the real tokens that follow it
@@ -215,14 +215,28 @@ class IteraLiteMixer(nn.Module):
         x = x.float().view(b, l, self.num_heads, self.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
-        B, C = B.float(), C.float()
-        if l == 1 and prev_state is not None:
-            y, state = ssd_step(prev_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
-            y = y[:, None]
-        else:
-            y, state = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=prev_state)
+        y, state = ssd_chunked(x, dt, A, B.float(), C.float(), self.chunk_size, initial_state=prev_state)
         if cache is not None:
             cache.update_recurrent_state(state, self.layer_idx)
         y = y + x * self.D.float()[:, None]  # skip connection, per head
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
+        return self.out_proj(y)
+
+    def step(self, hidden_states: torch.Tensor, cache, state: torch.Tensor) -> torch.Tensor:
+        """Decode one token from the cached conv window and SSM state: (b, 1, d) -> (b, 1, d).
+
+        The same computation as `forward` on one position, with the fewest ops: the decode step costs in op
+        count, not FLOPs. No padding mask here: padding only ever precedes a prompt, never a decoded token.
+        """
+        b = hidden_states.shape[0]
+        z, xBC, dt = self.in_proj(hidden_states[:, 0]).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        window = cache.update_conv_state(xBC[..., None], self.layer_idx, conv_kernel_size=self.conv_kernel)
+        conv = (window[..., -self.conv_kernel :] * self.conv1d.weight[:, 0]).sum(-1)  # (b, conv_dim)
+        x, B, C = F.silu(conv + self.conv1d.bias).split([self.d_inner, self.state_size, self.state_size], dim=-1)
+        x = x.float().view(b, self.num_heads, self.head_dim)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, h)
+        y, state = ssd_step(state, x, dt, -torch.exp(self.A_log.float()), B.float(), C.float())
+        cache.update_recurrent_state(state, self.layer_idx)
+        y = y + x * self.D.float()[:, None]
+        y = self.norm(y.reshape(b, 1, self.d_inner).to(hidden_states.dtype), z[:, None])
         return self.out_proj(y)
