@@ -20,6 +20,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_itera import IteraLiteConfig
+from .loading import describe_unloadable_weights
 from .moe import IteraLiteMLP, IteraLiteSparseMoE, load_balancing_loss
 from .ssm import IteraLiteMixer
 
@@ -86,6 +87,26 @@ class IteraLitePreTrainedModel(PreTrainedModel):
     _is_stateful = True
     # The decay rates and skips are tiny vectors whose precision matters for long sequences (fp16 loads keep them fp32).
     _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with an error that names the file and the tensor when the weights of a
+        local folder are corrupted or do not fit the config."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as err:  # safetensors' own error type derives from Exception only
+            config = kwargs.get("config")
+            if not isinstance(config, IteraLiteConfig):
+                try:
+                    config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
+                except Exception:
+                    raise err from None
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+            problem = describe_unloadable_weights(pretrained_model_name_or_path, shapes)
+            if problem is None:
+                raise
+            raise OSError(f"cannot load the weights: {problem}") from err
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -33,11 +33,13 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 import modeling_itera
 from training import data, reports
 from training.tokenizer import load_or_train
 
+logger = logging.get_logger("training.pretrain")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configuration"
 # What the shipped generation_config.json says; the pipeline would otherwise sample with its own defaults.
 GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1,
@@ -64,6 +66,12 @@ class ScriptArguments:
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     data_cache_dir: str = ".cache/itera-data"
     save_dtype: str = field(default="float32", metadata={"help": "Storage dtype of the final weights."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; > 0 trains only LoRA adapters (peft)."})
+    lora_alpha: int = 16
+    lora_targets: str = field(
+        default="in_proj,out_proj,gate_up_proj,down_proj",
+        metadata={"help": "Modules that get LoRA adapters: the SSM projections, the MLPs and the experts."},
+    )
 
 
 def load_json(name: str) -> dict:
@@ -119,6 +127,15 @@ def build_model(args: ScriptArguments, tokenizer):
     raise ValueError(f"unknown --arch {args.arch!r}; valid: itera, llama")
 
 
+def add_lora(model, args: ScriptArguments):
+    """Freezes the model and adds trainable LoRA adapters (peft) to `args.lora_targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 class TimeBudget(TrainerCallback):
     """Stops training after `seconds` of wall-clock time (the equal-cost comparison), and saves a checkpoint."""
 
@@ -144,6 +161,19 @@ class DivergenceGuard(TrainerCallback):
                 f"training loss became {loss} at step {state.global_step}: stopped before saving a broken model. "
                 f"Lower --learning_rate, keep --max_grad_norm, or resume from the last checkpoint."
             )
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that was written to the end. A run killed while saving leaves a partial folder
+    (Trainer writes in place); `get_last_checkpoint` would pick it and the resume would fail."""
+    newest = get_last_checkpoint(str(folder))
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in candidates:
+        if all((path / name).exists() for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt")):
+            if str(path) != newest:
+                logger.warning("skipping the incomplete checkpoint %s; resuming from %s", newest, path)
+            return str(path)
+    return None
 
 
 def steps_for_budget(model, args: ScriptArguments, training_args: TrainingArguments, vocab: int) -> int:
@@ -192,6 +222,8 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
         **GENERATION_DEFAULTS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
+    if args.lora_r > 0:
+        model = add_lora(model, args)
     if args.time_budget and training_args.max_steps <= 0:
         training_args.max_steps = steps_for_budget(model, args, training_args, len(tokenizer))
     callbacks = [DivergenceGuard()] + ([TimeBudget(args.time_budget)] if args.time_budget is not None else [])
@@ -207,9 +239,9 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    resume = get_last_checkpoint(str(out)) if args.resume else None
+    resume = last_complete_checkpoint(out) if args.resume else None
     if args.resume and resume is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {out}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {out}")
     start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - start
@@ -233,7 +265,8 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
         metrics["perplexity"] = math.exp(eval_metrics["eval_loss"])
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
-        reports.save_final(trainer.model, tokenizer, out, args.save_dtype)
+        final = trainer.model.merge_and_unload() if args.lora_r > 0 else trainer.model  # a plain model again
+        reports.save_final(final, tokenizer, out, args.save_dtype)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         reports.plot_losses(trainer.state.log_history, out / "loss.png", title=f"{args.arch} {args.model_preset}")
         if training_args.push_to_hub:

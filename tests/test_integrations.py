@@ -1,0 +1,114 @@
+"""The tools users already use: PEFT LoRA, pipelines with batches, streaming from a worker thread; and misuse:
+damaged weight files, a training run killed mid-way, random inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, TextIteratorStreamer, pipeline
+
+from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
+from training import finetune, pretrain
+from training.tokenizer import train_tokenizer
+
+from .conftest import TINY
+from .test_training import smoke_args, story_files  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    """A tiny random model with a real tokenizer, saved like a trained one."""
+    tokenizer = train_tokenizer([f"the cat {i} saw the dog {i * 7} in the park" for i in range(300)], vocab_size=300)
+    model = IteraLiteForCausalLM(IteraLiteConfig(**{**TINY, "vocab_size": len(tokenizer)}))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_lora_fine_tuning_changes_only_the_adapted_modules(story_files, tmp_path):  # noqa: F811
+    base = tmp_path / "base"
+    pretrain.main(smoke_args(story_files, base))
+    train, valid = story_files
+    out = tmp_path / "lora"
+    metrics = finetune.main(["--model", str(base), "--train_file", str(train), "--valid_file", str(valid),
+                             "--output_dir", str(out), "--max_steps", "3", "--block_size", "32", "--lora_r", "4",
+                             "--learning_rate", "1e-2", "--data_cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    assert metrics["global_step"] == 3
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()  # merged back: a plain model, no adapter tensors left
+    targets = ("in_proj", "out_proj", "gate_up_proj", "down_proj")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(t in k for t in targets) for k in changed)
+    assert AutoModelForCausalLM.from_pretrained(out)(torch.tensor([[1, 5, 9]])).logits.shape[-1] == 300
+
+
+def test_pipeline_generates_for_a_batch_of_prompts(model_folder):
+    generator = pipeline("text-generation", model=str(model_folder))
+    prompts = ["the cat", "the dog saw the park and"]
+    batched = generator(prompts, batch_size=2, max_new_tokens=6, do_sample=False)
+    alone = [generator(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
+    assert [b[0]["generated_text"] for b in batched] == alone
+
+
+def test_text_iterator_streamer_streams_from_a_worker_thread(model_folder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    inputs = tokenizer("the cat", return_tensors="pt")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    kwargs = dict(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False, streamer=streamer)
+    worker = threading.Thread(target=model.generate, kwargs=kwargs)
+    worker.start()
+    pieces = list(streamer)
+    worker.join()
+    full = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(full[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(pieces) > 1 and "".join(pieces) == expected
+
+
+def test_truncated_weights_file_names_the_file(model_folder):
+    path = model_folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(OSError, match=r"model\.safetensors is truncated or corrupted"):
+        AutoModelForCausalLM.from_pretrained(model_folder)
+
+
+def test_weights_that_do_not_fit_the_config_name_the_tensor(model_folder):
+    weights = load_file(model_folder / "model.safetensors")
+    weights["model.layers.1.mixer.out_proj.weight"] = torch.zeros(32, 7)
+    save_file(weights, model_folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match=r"'model\.layers\.1\.mixer\.out_proj\.weight' has shape \(32, 7\)"):
+        AutoModelForCausalLM.from_pretrained(model_folder)
+
+
+def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(story_files, tmp_path):  # noqa: F811
+    """SIGKILL mid-run, then --resume: the losses after the checkpoint equal those of a run never interrupted."""
+    steps = ["--max_steps", "60", "--save_steps", "4", "--logging_steps", "1"]
+    whole = pretrain.main(smoke_args(story_files, tmp_path / "whole", *steps))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "training.pretrain", *smoke_args(story_files, out, *steps)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+    deadline = time.time() + 600
+    while not (out / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-4").exists() and not (out / "model.safetensors").exists()  # killed mid-run
+    resumed = pretrain.main(smoke_args(story_files, out, *steps, "--resume", "true"))
+
+    def losses(metrics):
+        return {e["step"]: e["loss"] for e in metrics["log_history"] if "loss" in e}
+
+    tail = {s: v for s, v in losses(resumed).items() if s > 4}
+    assert resumed["global_step"] == 60 and tail
+    assert tail == pytest.approx({s: losses(whole)[s] for s in tail}, rel=1e-4)
