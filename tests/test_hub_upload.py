@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,23 @@ def test_incomplete_model_folder_fails_before_any_request(model_folder, hub, tmp
     with pytest.raises(FileNotFoundError, match="ssm.py"):
         push_model(broken, REPO, endpoint=hub.url)
     assert hub.requests == []
+
+
+def test_pretraining_pushes_the_final_model_with_its_card(hub, tmp_path):
+    """`training.pretrain --push_to_hub true`: Trainer's own Hub support during the run, the complete repository
+    (weights, remote code, tokenizer, card with the measured perplexity) at the end."""
+    from .test_training import smoke_args, write_stories
+
+    write_stories(tmp_path / "train.txt")
+    write_stories(tmp_path / "valid.txt", n=20, seed=1)
+    args = smoke_args((tmp_path / "train.txt", tmp_path / "valid.txt"), tmp_path / "run",
+                      "--push_to_hub", "true", "--hub_model_id", "local/trained-tiny")  # fmt: skip
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "training.pretrain", *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = hub.files("local/trained-tiny")
+    assert {"model.safetensors", "modeling_itera.py", "tokenizer.json", "generation_config.json"} <= set(files)
+    perplexity = json.loads((tmp_path / "run" / "metrics.json").read_text())["perplexity"]
+    metric = front_matter(files["README.md"].decode())["model-index"][0]["results"][0]["metrics"][0]
+    assert metric["value"] == pytest.approx(perplexity, rel=1e-3)

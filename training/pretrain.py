@@ -270,7 +270,18 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         reports.plot_losses(trainer.state.log_history, out / "loss.png", title=f"{args.arch} {args.model_preset}")
         if training_args.push_to_hub:
-            trainer.push_to_hub(commit_message="Itera-Lite trained with training.pretrain")
+            # Trainer's own Hub support pushed the checkpoints as they were saved (hub_strategy); the final folder
+            # goes up as a complete repository, with the model card and remote code, like `python -m hub_upload`.
+            from hub_upload import push_model
+
+            repo_id = training_args.hub_model_id or out.name
+            push_model(
+                out,
+                repo_id,
+                private=bool(training_args.hub_private_repo),
+                token=training_args.hub_token,
+                commit_message=f"Itera-Lite trained with training.pretrain ({trainer.state.global_step} steps)",
+            )
     return metrics
 
 
