@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
-from torch import nn
 
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
 
@@ -21,9 +20,6 @@ from .folder import files_to_ship, read_config, remote_code_files
 
 DATASET_ID, DATASET_NAME, DATASET_LICENSE = "roneneldan/TinyStories", "TinyStories", "CDLA-Sharing-1.0"
 TAGS = ["itera-lite", "state-space-model", "mamba2", "mixture-of-experts", "tinystories", "custom_code"]
-# bitsandbytes' CPU 4-bit kernels need out_features % 32 == 0 and in_features % 64 == 0
-# (transformers-5.24-notes §6); layers that miss it, and the tied lm_head, stay in full precision.
-BNB_OUT_MULTIPLE, BNB_IN_MULTIPLE = 32, 64
 
 
 def count_parameters(config: IteraLiteConfig) -> tuple[int, int, list[str]]:
@@ -40,13 +36,8 @@ def count_parameters(config: IteraLiteConfig) -> tuple[int, int, list[str]]:
         if kind == "moe":
             per_expert = sum(p.numel() for p in layer.feed_forward.experts[0].parameters())
             unused += (config.num_experts - config.num_experts_per_tok) * per_expert
-    skip = {"lm_head"} | {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and (module.out_features % BNB_OUT_MULTIPLE or module.in_features % BNB_IN_MULTIPLE)
-    }
-    return total, total - unused, sorted(skip)
+    kept = sorted(name.rsplit(".", 1)[-1] for name in model.modules_kept_out_of_quantization())
+    return total, total - unused, kept
 
 
 def weights_summary(folder: Path) -> str:
@@ -128,6 +119,7 @@ def evaluation(metrics: dict) -> str:
 
 def usage(repo_id: str, skip_4bit: list[str], code_files: list[str]) -> str:
     code = ", ".join(f"`{name}`" for name in code_files)
+    kept_names = ", ".join(f"`{name}`" for name in skip_4bit)
     return f"""## Usage
 
 The model's code ships in this repository ({code}), so loading needs
@@ -161,18 +153,15 @@ import torch
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, dtype=torch.bfloat16)
 ```
 
-In 4 bits with `bitsandbytes`; the layers listed stay in full precision (their shapes do not fit the 4-bit
-kernels, and `lm_head` is tied to the embedding):
+In 4 bits with `bitsandbytes` (on GPU, and on CPU with bitsandbytes >= 0.49). The model itself keeps
+{kept_names} in full precision (the LM head is tied to the embedding, the router picks discrete routes, and
+odd shapes do not fit the 4-bit kernels), so the config is all you pass:
 
 ```python
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-quantization = BitsAndBytesConfig(
-    load_in_4bit=True,
-    bnb_4bit_compute_dtype=torch.bfloat16,
-    llm_int8_skip_modules={json.dumps(skip_4bit)},
-)
+quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, quantization_config=quantization)
 ```
 """

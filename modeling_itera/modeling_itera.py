@@ -7,12 +7,13 @@ state per layer (transformers' `DynamicCache` of `LinearAttentionLayer`s), so ev
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import BitsAndBytesConfig, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -28,6 +29,8 @@ logger = logging.get_logger(__name__)
 
 # The range from which each head's decay rate A is initialised (Mamba-2's A_init_range).
 A_INIT_RANGE = (1.0, 16.0)
+# bitsandbytes' packed 4-bit CPU kernel (AVX512-BF16) needs in_features % 64 == 0 and out_features % 32 == 0.
+BNB_CPU_BLOCK_IN, BNB_CPU_BLOCK_OUT = 64, 32
 
 
 def cache_nbytes(cache) -> int:
@@ -86,12 +89,34 @@ class IteraLitePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["IteraLiteBlock"]
     _is_stateful = True
     # The decay rates and skips are tiny vectors whose precision matters for long sequences (fp16 loads keep them fp32).
-    _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias"]
+    # The router is kept too: its few logits pick discrete routes (Switch Transformer's "selective precision").
+    _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias", "feed_forward.router"]
+
+    def modules_kept_out_of_quantization(self) -> list[str]:
+        """Linear layers that bitsandbytes must leave in full precision: the tied LM head, the router (its few
+        logits pick discrete routes), and any projection whose shape the 4-bit CPU kernel rejects. Names are
+        suffixes, matched in every layer."""
+        keep = {"lm_head", "feed_forward.router"}
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+                if module.in_features % BNB_CPU_BLOCK_IN or module.out_features % BNB_CPU_BLOCK_OUT:
+                    keep.add(".".join(name.split(".")[-2:]))
+        return sorted(keep)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with an error that names the file and the tensor when the weights of a
-        local folder are corrupted or do not fit the config."""
+        """`PreTrainedModel.from_pretrained`, with two additions: a `BitsAndBytesConfig` that names no modules to
+        skip gets the model's own list (`modules_kept_out_of_quantization`), so a user passes nothing else; and an
+        error that names the file and the tensor when the weights of a local folder are corrupted or misfit."""
+        quantization = kwargs.get("quantization_config")
+        if isinstance(quantization, BitsAndBytesConfig) and not quantization.llm_int8_skip_modules:
+            config = kwargs.get("config")
+            if not isinstance(config, IteraLiteConfig):
+                config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
+            with torch.device("meta"):
+                keep = cls(config).modules_kept_out_of_quantization()
+            kwargs["quantization_config"] = copy.deepcopy(quantization)
+            kwargs["quantization_config"].llm_int8_skip_modules = keep
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as err:  # safetensors' own error type derives from Exception only

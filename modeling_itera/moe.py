@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_itera import IteraLiteConfig
+from .ssm import as_input_of
 
 
 class IteraLiteMLP(nn.Module):
@@ -78,7 +79,7 @@ class IteraLiteSparseMoE(nn.Module):
         tokens = hidden_states.reshape(-1, shape[-1])  # (t, d)
 
         # Route.
-        router_logits = self.router(tokens)  # (t, e)
+        router_logits = self.router(as_input_of(self.router, tokens))  # (t, e), fp32 if the router was kept so
         weights, experts = route(router_logits, self.top_k)
 
         if tokens.shape[0] == 1:  # one token (batch-1 decoding): run its k experts directly, nothing to sort

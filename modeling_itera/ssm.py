@@ -134,6 +134,13 @@ def ssd_chunked(
     return y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l], final_state
 
 
+def as_input_of(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype of a layer that a half-precision load kept in fp32 (`_keep_in_fp32_modules`). Quantized
+    weights (integer storage) take any float input, so x is left as it is for them."""
+    weight_dtype = linear.weight.dtype
+    return x.to(weight_dtype) if weight_dtype.is_floating_point and weight_dtype != x.dtype else x
+
+
 class RMSNormGated(nn.Module):
     """RMSNorm of `y * silu(z)`: the gated output norm of Mamba-2 (section 7.1), which keeps activations scaled."""
 
@@ -203,7 +210,9 @@ class IteraLiteMixer(nn.Module):
             # generate() passes the whole 2-D mask at every step; this call covers only its last l columns.
             mask = attention_mask[:, -l:, None].to(hidden_states.dtype)  # (b, l, 1)
 
-        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xBC, dt = self.in_proj(as_input_of(self.in_proj, hidden_states)).split(
+            [self.d_inner, self.conv_dim, self.num_heads], dim=-1
+        )
         if mask is not None:  # padding must not reach the conv window of the real tokens that follow it
             xBC = xBC * mask
         xBC = self.causal_conv(xBC, cache)  # (b, l, conv_dim)
@@ -229,7 +238,9 @@ class IteraLiteMixer(nn.Module):
         count, not FLOPs. No padding mask here: padding only ever precedes a prompt, never a decoded token.
         """
         b = hidden_states.shape[0]
-        z, xBC, dt = self.in_proj(hidden_states[:, 0]).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xBC, dt = self.in_proj(as_input_of(self.in_proj, hidden_states[:, 0])).split(
+            [self.d_inner, self.conv_dim, self.num_heads], dim=-1
+        )
         window = cache.update_conv_state(xBC[..., None], self.layer_idx, conv_kernel_size=self.conv_kernel)
         conv = (window[..., -self.conv_kernel :] * self.conv1d.weight[:, 0]).sum(-1)  # (b, conv_dim)
         x, B, C = F.silu(conv + self.conv1d.bias).split([self.d_inner, self.state_size, self.state_size], dim=-1)

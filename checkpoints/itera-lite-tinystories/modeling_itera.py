@@ -1,0 +1,320 @@
+"""Itera-Lite: pre-norm blocks of a selective SSM mixer (Mamba-2 SSD) and a feed-forward (sparse MoE on some layers,
+dense SwiGLU on the others), as a transformers `PreTrainedModel` with a recurrent-state cache.
+
+There is no positional embedding and no maximum length: the SSM carries order, and generation carries a fixed-size
+state per layer (transformers' `DynamicCache` of `LinearAttentionLayer`s), so every new token costs the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_itera import IteraLiteConfig
+from .loading import describe_unloadable_weights
+from .moe import IteraLiteMLP, IteraLiteSparseMoE, load_balancing_loss
+from .ssm import IteraLiteMixer
+
+logger = logging.get_logger(__name__)
+
+# The range from which each head's decay rate A is initialised (Mamba-2's A_init_range).
+A_INIT_RANGE = (1.0, 16.0)
+# bitsandbytes' packed 4-bit CPU kernel (AVX512-BF16) needs in_features % 64 == 0 and out_features % 32 == 0.
+BNB_CPU_BLOCK_IN, BNB_CPU_BLOCK_OUT = 64, 32
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by a cache's tensors (all layers, all sequences of the batch). Works for attention caches too."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("conv_states", "recurrent_states", "keys", "values"):
+            held = getattr(layer, name, None)
+            tensors = held.values() if isinstance(held, dict) else [held]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+class IteraLiteRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares in fp32 (bf16 would lose the small components); one fused op.
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+
+
+class IteraLiteBlock(GradientCheckpointingLayer):
+    """x + mixer(norm(x)), then x + feed_forward(norm(x))."""
+
+    def __init__(self, config: IteraLiteConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = config.layers_block_type[layer_idx] == "moe"
+        self.mixer_norm = IteraLiteRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = IteraLiteMixer(config, layer_idx)
+        self.ff_norm = IteraLiteRMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_moe:
+            self.feed_forward = IteraLiteSparseMoE(config)
+        else:
+            self.feed_forward = IteraLiteMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), cache, attention_mask)
+        router_logits = None
+        if self.is_moe:
+            ff, router_logits = self.feed_forward(self.ff_norm(hidden_states))
+        else:
+            ff = self.feed_forward(self.ff_norm(hidden_states))
+        return hidden_states + ff, router_logits
+
+
+class IteraLitePreTrainedModel(PreTrainedModel):
+    config: IteraLiteConfig
+    config_class = IteraLiteConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["IteraLiteBlock"]
+    _is_stateful = True
+    # The decay rates and skips are tiny vectors whose precision matters for long sequences (fp16 loads keep them fp32).
+    _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias"]
+
+    def post_init(self):
+        super().post_init()
+        self._keep_in_fp32_modules = set(self._keep_in_fp32_modules) | set(self.modules_kept_out_of_quantization())
+
+    def modules_kept_out_of_quantization(self) -> list[str]:
+        """Linear layers that stay in full precision under bitsandbytes (and fp32 under fp16 loading): the router,
+        whose few logits decide discrete routes, and any projection whose shape the 4-bit CPU kernel rejects.
+        transformers adds `_keep_in_fp32_modules` to bitsandbytes' skip list, so a user passes nothing but the
+        `BitsAndBytesConfig`. Names are suffixes, matched in every layer."""
+        keep = {"feed_forward.router"}
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+                if module.in_features % BNB_CPU_BLOCK_IN or module.out_features % BNB_CPU_BLOCK_OUT:
+                    keep.add(".".join(name.split(".")[-2:]))
+        return sorted(keep)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with an error that names the file and the tensor when the weights of a
+        local folder are corrupted or do not fit the config."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as err:  # safetensors' own error type derives from Exception only
+            config = kwargs.get("config")
+            if not isinstance(config, IteraLiteConfig):
+                try:
+                    config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
+                except Exception:
+                    raise err from None
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+            problem = describe_unloadable_weights(pretrained_model_name_or_path, shapes)
+            if problem is None:
+                raise
+            raise OSError(f"cannot load the weights: {problem}") from err
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, IteraLiteMixer):
+            heads = module.num_heads
+            # A spread over A_INIT_RANGE, so the heads remember over different time scales.
+            A = torch.linspace(*A_INIT_RANGE, heads) if heads > 1 else torch.tensor([A_INIT_RANGE[0]])
+            init.copy_(module.A_log, torch.log(A))
+            init.ones_(module.D)
+            cfg = self.config
+            # Δ log-uniform in [time_step_min, time_step_max]; dt_bias is its inverse softplus.
+            log_dt = torch.rand(heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+            dt = torch.exp(log_dt + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        elif isinstance(module, IteraLiteSparseMoE):
+            init.zeros_(module.tokens_per_expert)
+
+
+class IteraLiteModel(IteraLitePreTrainedModel):
+    def __init__(self, config: IteraLiteConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(IteraLiteBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = IteraLiteRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        """Runs the blocks over new tokens, continuing from `cache` if it holds a previous state.
+
+        Args:
+            input_ids: (b, l) token ids, or `inputs_embeds` (b, l, d); exactly one of them.
+            attention_mask: (b, l_total) with 1 for tokens and 0 for left padding; only its last l columns are used.
+            cache: a `DynamicCache(config=...)`; its state is read and updated in place.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+            if input_ids.numel() == 0:
+                raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[0] == 0:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length>0, hidden), got {tuple(inputs_embeds.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape[0] != inputs_embeds.shape[0]:
+            raise ValueError(
+                f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {inputs_embeds.shape[0]}"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        output_router_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = [] if output_hidden_states else None
+        all_router_logits = [] if output_router_logits else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states, router_logits = layer(hidden_states, cache=cache, attention_mask=attention_mask)
+            if output_router_logits and router_logits is not None:
+                all_router_logits.append(router_logits)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+        )
+
+
+class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: IteraLiteConfig):
+        super().__init__(config)
+        self.model = IteraLiteModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Like `IteraLiteModel.forward`, plus the LM head and, when `labels` are given, the loss.
+
+        The loss is the shifted cross-entropy plus `router_aux_loss_coef` times the load-balancing loss of the MoE
+        layers, always (training a MoE without it lets the routing collapse). Under gradient accumulation the
+        Trainer passes `num_items_in_batch`; the aux term is then weighted by this micro-batch's share of the
+        tokens, so that it adds up to one mean over the accumulated batch, like the cross-entropy does.
+        """
+        has_moe = "moe" in self.config.layers_block_type
+        need_router_logits = has_moe and (
+            labels is not None or output_router_logits or self.config.output_router_logits
+        )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=need_router_logits,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = aux_loss = None
+        if need_router_logits:
+            aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            aux_weight = self.config.router_aux_loss_coef
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is not None:
+                local_items = (labels[..., 1:] != -100).sum()
+                aux_weight = aux_weight * local_items.to(logits.device) / num_items
+            if aux_loss is not None:
+                loss = loss + aux_weight * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits if (output_router_logits or self.config.output_router_logits) else None,
+        )
+
+    def router_aux_loss(
+        self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mean of the per-layer load-balancing losses, over real (unpadded) tokens."""
+        n_tokens = router_logits[0].shape[0]
+        token_mask = None
+        if attention_mask is not None:
+            token_mask = attention_mask[:, -(n_tokens // attention_mask.shape[0]) :].reshape(-1)
+        losses = [load_balancing_loss(logits, self.config.num_experts_per_tok, token_mask) for logits in router_logits]
+        return torch.stack(losses).mean()
+
+    def expert_usage(self, reset: bool = False) -> dict[int, list[int]]:
+        """Token slots each expert has served since the last reset: {MoE layer index: [count per expert]}."""
+        usage = {}
+        for i, layer in enumerate(self.model.layers):
+            if layer.is_moe:
+                usage[i] = layer.feed_forward.tokens_per_expert.tolist()
+                if reset:
+                    layer.feed_forward.reset_usage()
+        return usage
+
+
+__all__ = ["IteraLitePreTrainedModel", "IteraLiteModel", "IteraLiteForCausalLM", "cache_nbytes"]

@@ -1,0 +1,106 @@
+"""Serve Itera-Lite over HTTP: `python -m serve --model FOLDER_OR_HUB_ID [--port 8000]`.
+
+OpenAI-style `POST /v1/completions` (set `stream: true` for server-sent events), `GET /v1/models`, `GET /health`
+and `GET /metrics` (Prometheus). It listens on 127.0.0.1 unless `--host` says otherwise: put a proxy with
+authentication in front of it before exposing it, the server itself has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+import uvicorn
+
+from .app import create_app
+from .engine import Limits
+from .model import BUNDLED_MODEL, DTYPES, load
+
+GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
+
+
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = Limits()
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="model folder or Hub id (default: bundled)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 halves memory on CPU too")
+    parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights (CPU: AVX512-BF16)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="for Hub repositories with remote code")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default=None, help="the id reported to clients (default: --model's name)")
+    parser.add_argument(
+        "--max-batch-size",
+        type=positive(int),
+        default=defaults.max_batch_size,
+        help="sequences decoded together; more requests wait in the queue",
+    )
+    parser.add_argument("--max-prompt-tokens", type=positive(int), default=defaults.max_prompt_tokens)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive(int),
+        default=defaults.max_new_tokens,
+        help="the largest max_tokens a request may ask for",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=positive(int),
+        default=defaults.queue_size,
+        help="requests that may wait for a slot; beyond it the server answers 429",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=positive(float),
+        default=defaults.request_timeout,
+        help="seconds from arrival to the last token; beyond it the server answers 504",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive(int),
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 on a busy CPU",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer = load(args.model, args.dtype, args.load_in_4bit, args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    limits = Limits(
+        max_batch_size=args.max_batch_size,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        queue_size=args.queue_size,
+        request_timeout=args.request_timeout,
+    )
+    name = args.model_name or args.model.rstrip("/").split("/")[-1]
+    app = create_app(model, tokenizer, limits, model_name=name)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The HTTP API: OpenAI-style `POST /v1/completions` (plain and server-sent events), `GET /v1/models`,
+`GET /health` and `GET /metrics`, in front of one `Engine`.
+
+Handlers never run the model: they validate, tokenize, hand a `Job` to the engine thread and await its events on
+an asyncio queue, so many requests wait at once without blocking the event loop. Every error is a JSON body in
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so clients show the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .engine import Delta, Done, Engine, EngineStopped, Failed, Finished, Job, Limits, QueueFull
+from .metrics import CONTENT_TYPE, Metrics
+from .sampling import SamplingParams
+from .schemas import DEFAULT_MAX_TOKENS, BadRequest, CompletionRequest, parse
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # a request body above 1 MiB is refused before it is parsed (413)
+EVENT_GRACE_S = 5.0  # how long past a request's deadline a handler waits for the engine before giving up itself
+PATHS = ("/v1/completions", "/v1/models", "/health", "/metrics")  # metric labels; anything else counts as "other"
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, **kw):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status, **kw)
+
+
+class CountRequests:
+    """ASGI middleware: counts every answered HTTP request by path and status code (streams at their start)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.count_request(scope["path"] if scope["path"] in PATHS else "other", status)
+
+
+async def read_json(request: Request):
+    """The parsed body, or `BadRequest`; refuses bodies over `MAX_BODY_BYTES` without reading them whole."""
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the request body is not valid JSON: {err}") from None
+
+
+def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite") -> FastAPI:
+    """The web app around a new engine for `model`; the engine thread starts and stops with the app."""
+    engine = Engine(model, tokenizer, limits)
+    metrics = engine.metrics
+    metrics.gauges = {
+        "itera_queued_requests": ("Requests waiting for batch slots.", lambda: engine.queued),
+        "itera_active_sequences": ("Sequences in the running batch.", lambda: engine.active),
+    }
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="Itera-Lite", lifespan=lifespan)
+    app.state.engine = engine
+    app.add_middleware(CountRequests, metrics=metrics)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return error(500, "internal server error", "server_error")
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if engine.alive else "down", "model": model_name}
+        body |= {"active_sequences": engine.active, "queued_requests": engine.queued}
+        return JSONResponse(body, 200 if engine.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "itera-lite"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            req = parse(await read_json(request))
+            req.check(limits)
+            prompts = [tokenizer.encode(p) for p in req.prompts]
+            longest = max(len(ids) for ids in prompts)
+            if longest > limits.max_prompt_tokens:
+                msg = f"the prompt is {longest} tokens long, above this server's limit of {limits.max_prompt_tokens}"
+                raise BadRequest(msg, "prompt")
+        except BadRequest as err:
+            return error(400, err.message, param=err.param)
+
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(
+            prompts=prompts,
+            sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            max_tokens=req.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_new_tokens),
+            sampling=SamplingParams(
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+            ),
+            stop=req.stops,
+            n=req.n or 1,
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+        )
+        try:
+            engine.submit(job)
+        except QueueFull as err:
+            return error(429, str(err), "rate_limit_exceeded", headers={"Retry-After": "1"})
+        except EngineStopped as err:
+            return error(503, str(err), "server_error")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = model_name
+        if req.stream:
+            stream = sse(engine, job, events, req, head)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await collect(request, engine, job, events, req, head)
+
+    return app
+
+
+async def next_event(job: Job, events: asyncio.Queue):
+    """The engine's next event for `job`; a `Failed` if the engine does not answer within the request's time."""
+    try:
+        return await asyncio.wait_for(events.get(), max(0.0, job.deadline - time.monotonic()) + EVENT_GRACE_S)
+    except asyncio.TimeoutError:
+        return Failed(504, "the generation engine did not answer in time", "timeout")
+
+
+def choice(index: int, text: str, reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+
+
+def usage(done: Done) -> dict:
+    total = done.prompt_tokens + done.completion_tokens
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens, "total_tokens": total}
+
+
+async def cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
+    """Frees a job's slots as soon as its client hangs up (the body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    engine.cancel(job)
+
+
+async def collect(request: Request, engine: Engine, job: Job, events: asyncio.Queue, req: CompletionRequest, head):
+    """The whole completion as one JSON response."""
+    texts, reasons = defaultdict(str), {}
+    if req.echo:
+        texts |= {i: req.prompts[i // job.n] for i in range(job.slots)}
+    watcher = asyncio.create_task(cancel_on_disconnect(request, engine, job))
+    try:
+        while not isinstance(event := await next_event(job, events), (Done, Failed)):
+            if isinstance(event, Delta):
+                texts[event.index] += event.text
+            elif isinstance(event, Finished):
+                reasons[event.index] = event.reason
+    finally:
+        watcher.cancel()
+        engine.cancel(job)  # a no-op once the job is done; frees the slots if this task was cancelled
+    if isinstance(event, Failed):
+        return error(event.status, event.message, event.kind)
+    choices = [choice(i, texts[i], reasons.get(i)) for i in range(job.slots)]
+    return JSONResponse(head | {"choices": choices, "usage": usage(event)})
+
+
+async def sse(engine: Engine, job: Job, events: asyncio.Queue, req: CompletionRequest, head: dict):
+    """Server-sent events: a `data: {chunk}` per piece of text, one with each choice's finish_reason, then
+    `data: [DONE]`. An error after the stream started arrives as `data: {"error": ...}`, as OpenAI sends it."""
+
+    def data(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    try:
+        if req.echo:
+            for i in range(job.slots):
+                yield data(head | {"choices": [choice(i, req.prompts[i // job.n], None)]})
+        while not isinstance(event := await next_event(job, events), (Done, Failed)):
+            text = event.text if isinstance(event, Delta) else ""
+            reason = event.reason if isinstance(event, Finished) else None
+            yield data(head | {"choices": [choice(event.index, text, reason)]})
+        if isinstance(event, Failed):
+            yield data({"error": {"message": event.message, "type": event.kind, "param": None, "code": None}})
+        elif req.stream_options is not None and req.stream_options.include_usage:
+            yield data(head | {"choices": [], "usage": usage(event)})
+        yield "data: [DONE]\n\n"
+    finally:
+        engine.cancel(job)

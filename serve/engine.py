@@ -1,0 +1,365 @@
+"""The generation engine: continuous batching of decode steps for a recurrent-state model, in one thread.
+
+Itera-Lite carries a fixed-size state per sequence (per layer: a conv window and an SSM state) instead of a KV cache
+that grows with the text. Every sequence therefore fits the same slot, and a running batch is just those slots
+stacked along dim 0 of each cache tensor. Between two decode steps, sequences join (their batch-1 prefill state is
+concatenated) and leave (the remaining rows are `index_select`ed): no padding, no recomputation, no waiting for
+the longest sequence of a batch.
+
+A new request is prefilled alone (batch 1) into its own state, then decoded together with all active sequences,
+one token each per step. The model's rows do not interact, so a greedy completion is the same whether it ran alone
+or batched (up to the float rounding of a batched matmul, which does not change an argmax in practice).
+
+The engine thread owns the model, the caches and its own copy of the tokenizer; the web app talks to it through
+`submit`/`cancel` and receives events through each job's `sink`, which must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .metrics import Metrics
+from .sampling import SamplingParams, next_tokens
+from .text import TextStream
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # how often an idle engine wakes up to notice a stop request it might have missed
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `queue_size` jobs already: the caller should answer 429."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running (stopped, or not started yet): the caller should answer 503."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What protects the server: batch slots, lengths, the waiting queue and the time a request may take."""
+
+    max_batch_size: int = 32
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    queue_size: int = 64
+    request_timeout: float = 120.0
+
+
+# Events a job's sink receives, in order: Delta*, Finished per choice, then Done; or a single Failed at any point.
+@dataclass(frozen=True)
+class Delta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    index: int
+    reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Done:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+    kind: str
+
+
+@dataclass(eq=False)
+class Job:
+    """One completion request: `n` choices for each prompt (token ids), all admitted to the batch together."""
+
+    prompts: list[list[int]]
+    sink: Callable[[object], None]
+    max_tokens: int = 16
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    ignore_eos: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf
+    cancelled: bool = False
+    ended: bool = False
+    remaining: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+    @property
+    def slots(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one job: its slot in the batch is its row in the engine's cache."""
+
+    job: Job
+    index: int
+    text: TextStream
+    generator: torch.Generator
+    last: int = 0
+    generated: int = 0
+    done: bool = False
+
+
+def concat_caches(caches: list[DynamicCache]) -> DynamicCache:
+    """Stacks the per-sequence states of several recurrent caches into the first one, along the batch dim."""
+    base = caches[0]
+    for i, layer in enumerate(base.layers):
+        for name in ("conv_states", "recurrent_states"):
+            held = getattr(layer, name)
+            for k, state in held.items():
+                if state is not None:
+                    held[k] = torch.cat([getattr(c.layers[i], name)[k] for c in caches])
+    return base
+
+
+class Engine:
+    """Runs every generation of the server in one background thread.
+
+    Args:
+        model: an Itera-Lite causal LM in eval mode (any model whose cache layers are all recurrent).
+        tokenizer: decodes generated ids; the engine keeps its own copy, used from its thread only.
+        limits: batch slots, queue size and request timeout (lengths are checked by the web app).
+    """
+
+    def __init__(self, model, tokenizer, limits: Limits, metrics: Metrics | None = None):
+        if not all(DynamicCache(config=model.config).is_linear):
+            raise ValueError("the engine batches fixed-size recurrent states: every cache layer must be linear")
+        self.model, self.limits = model, limits
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.metrics = metrics or Metrics()
+        eos = model.generation_config.eos_token_id
+        eos = model.config.eos_token_id if eos is None else eos
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.device = next(model.parameters()).device
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._active: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the web app's side -------------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return sum(not seq.done for seq in self._active)  # a finished sequence leaves at the end of the step
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="itera-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queues a job. Raises `QueueFull` or `EngineStopped` instead of waiting."""
+        with self._cond:
+            if not self.alive:
+                raise EngineStopped("the generation engine is not running")
+            if len(self._queue) >= self.limits.queue_size:
+                raise QueueFull(f"the server is busy: {len(self._queue)} requests are already waiting")
+            job.deadline = job.arrived + self.limits.request_timeout
+            job.remaining = job.slots
+            self._queue.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drops a job (client gone); the engine frees its slots before its next step."""
+        job.cancelled = True
+
+    # ---- the engine thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while (jobs := self._take_jobs()) is not None:
+                try:
+                    self._iteration(jobs)
+                except Exception:  # a bug or an out-of-memory must not kill the server: fail the batch, go on
+                    logger.exception("generation failed; failing the %d active sequences", len(self._active))
+                    for job in jobs + [seq.job for seq in self._active]:
+                        self._fail(job, 500, "internal error during generation", "server_error")
+                    self._active, self._cache = [], None
+        self._shutdown()
+
+    def _iteration(self, jobs: list[Job]) -> None:
+        """New jobs join the batch; then one decode step for every active sequence."""
+        for job in jobs:
+            self._prefill(job)
+        self._retire()
+        if self._active:
+            self._decode_step()
+            self._retire()
+
+    def _take_jobs(self) -> list[Job] | None:
+        """The queued jobs that fit in the free slots, oldest first; waits while there is nothing to do."""
+        with self._cond:
+            while not (self._stopping or self._queue or self._active):
+                self._cond.wait(IDLE_WAIT_S)
+            if self._stopping:
+                return None
+            free, jobs, now = self.limits.max_batch_size - len(self._active), [], time.monotonic()
+            while self._queue:
+                job = self._queue[0]
+                if job.cancelled or now > job.deadline:
+                    self._queue.popleft()
+                    self._expire(job)
+                    continue
+                if job.slots > free:  # first come, first served: a big job is not overtaken by small ones
+                    break
+                free -= job.slots
+                jobs.append(self._queue.popleft())
+            return jobs
+
+    def _prefill(self, job: Job) -> None:
+        """Runs each prompt alone into its own state, picks every choice's first token, and joins the batch."""
+        try:
+            seqs, caches = [], []
+            for p, ids in enumerate(job.prompts):
+                out = self.model(
+                    torch.tensor([ids], device=self.device),
+                    cache=DynamicCache(config=self.model.config),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                self.metrics.count_prompt(len(ids))
+                rows = [self._new_sequence(job, p * job.n + i) for i in range(job.n)]
+                if job.n > 1:  # n copies of the prompt's state, one slot per choice
+                    out.cache.reorder_cache(torch.zeros(job.n, dtype=torch.long, device=self.device))
+                logits = out.logits[:, -1].expand(job.n, -1)
+                tokens = next_tokens(logits, [job.sampling] * job.n, [s.generator for s in rows])
+                caches.append(out.cache)
+                seqs += zip(rows, tokens)
+        except Exception:
+            logger.exception("prefill failed")
+            self._fail(job, 500, "internal error during prefill", "server_error")
+            return
+        self._cache = concat_caches(([self._cache] if self._active else []) + caches)
+        self._active += [seq for seq, _ in seqs]
+        for seq, token in seqs:
+            self._advance(seq, token)
+        self.metrics.tokens(len(seqs))
+
+    def _new_sequence(self, job: Job, index: int) -> Sequence:
+        generator = torch.Generator(device=self.device)
+        if job.seed is None:
+            generator.seed()
+        else:  # each choice its own stream: n seeded choices differ, and each is reproducible on its own
+            generator.manual_seed(job.seed + index)
+        return Sequence(job, index, TextStream(self.tokenizer, job.stop), generator)
+
+    def _decode_step(self) -> None:
+        """One token for every active sequence, in one forward of the whole batch."""
+        tokens = torch.tensor([[seq.last] for seq in self._active], device=self.device)  # (b, 1)
+        out = self.model(tokens, cache=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache = out.cache
+        self.metrics.decode_step(len(self._active))
+        chosen = next_tokens(
+            out.logits[:, -1], [s.job.sampling for s in self._active], [s.generator for s in self._active]
+        )
+        for seq, token in zip(self._active, chosen):
+            self._advance(seq, token)
+        self.metrics.tokens(len(chosen))
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        """Takes one generated token: sends the text it completes, and ends the choice on EOS, stop or length."""
+        job = seq.job
+        seq.generated += 1
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+            self.metrics.first_token_after(job.first_token_at - job.arrived)
+        if token in self.eos and not job.ignore_eos:
+            return self._finish(seq, "stop", seq.text.finish())
+        seq.last = token
+        delta = seq.text.add(token)
+        if seq.text.stopped:
+            return self._finish(seq, "stop", delta)
+        if seq.generated >= job.max_tokens:
+            return self._finish(seq, "length", delta + seq.text.finish())
+        if delta:
+            self._send(job, Delta(seq.index, delta))
+
+    def _finish(self, seq: Sequence, reason: str, delta: str) -> None:
+        job, seq.done = seq.job, True
+        if delta:
+            self._send(job, Delta(seq.index, delta))
+        self._send(job, Finished(seq.index, reason, seq.generated))
+        job.remaining -= 1
+        job.completion_tokens += seq.generated
+        if job.remaining == 0 and not job.ended:
+            job.ended = True
+            self._send(job, Done(sum(len(ids) for ids in job.prompts), job.completion_tokens))
+            self.metrics.completion("ok", time.monotonic() - job.arrived)
+
+    def _retire(self) -> None:
+        """Frees the slots of finished, cancelled and timed-out sequences: the other rows of the cache stay."""
+        now = time.monotonic()
+        for seq in self._active:
+            if not seq.done and (seq.job.cancelled or now > seq.job.deadline):
+                self._expire(seq.job)
+        keep = [i for i, seq in enumerate(self._active) if not (seq.done or seq.job.ended)]
+        if len(keep) == len(self._active):
+            return
+        if keep:
+            self._cache.reorder_cache(torch.tensor(keep, device=self.device))
+        else:
+            self._cache = None
+        self._active = [self._active[i] for i in keep]
+
+    def _expire(self, job: Job) -> None:
+        if job.cancelled:  # 499: nginx's "client closed request"; the handler waiting on it returns at once
+            self._fail(job, 499, "the client closed the request", "cancelled")
+        else:
+            timeout = self.limits.request_timeout
+            self._fail(job, 504, f"the request took longer than the server's timeout of {timeout:g} s", "timeout")
+
+    def _fail(self, job: Job, status: int, message: str, kind: str) -> None:
+        if not job.ended:
+            job.ended = True
+            self._send(job, Failed(status, message, kind))
+            self.metrics.completion(kind)
+
+    def _send(self, job: Job, event: object) -> None:
+        try:
+            job.sink(event)
+        except Exception:  # the client's event loop is gone: nobody is listening any more
+            job.cancelled = True
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            pending, self._queue = list(self._queue), deque()
+        for job in pending + [seq.job for seq in self._active]:
+            self._fail(job, 503, "the server is shutting down", "unavailable")
+        self._active, self._cache = [], None

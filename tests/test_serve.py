@@ -1,0 +1,331 @@
+"""The HTTP server over real HTTP on 127.0.0.1: completions, streaming, continuous batching, limits and errors.
+
+The model is tiny and random (no checkpoint needed); its init is widened so that greedy decoding does not repeat
+one token, which would make "batched equals alone" trivially true.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
+from serve import Limits, create_app
+from serve.model import load
+from serve.sampling import SamplingParams, filter_probs
+from serve.text import TextStream
+from tests.conftest import TINY
+from training.tokenizer import train_tokenizer
+
+TEXTS = [
+    "Once upon a time there was a little cat who liked to play in the sun.",
+    "The dog ran to the park and found a big red ball under a tree.",
+    "Lily and Tom went to the sea. They saw a boat and a fish.",
+] * 10
+PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went", "a big red", "They saw", "The sun"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-itera")
+    torch.manual_seed(0)  # module fixtures are built before the autouse per-test seed
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
+    config = IteraLiteConfig(**{**TINY, "vocab_size": len(tokenizer), "initializer_range": 0.5})
+    IteraLiteForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class Server:
+    """uvicorn in a thread, on a socket bound to an ephemeral loopback port."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.app = app
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def start(model_dir, **limits):
+    model, tokenizer = load(model_dir)
+    return Server(create_app(model, tokenizer, Limits(**limits), model_name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    limits = dict(max_batch_size=8, max_prompt_tokens=32, max_new_tokens=48, queue_size=16, request_timeout=30)
+    with start(model_dir, **limits) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server.url
+
+
+@pytest.fixture(scope="module")
+def small_url(model_dir):
+    """One slot, one waiting place and a 1 s timeout: a burst overflows it, a long request times out."""
+    limits = dict(max_batch_size=1, max_prompt_tokens=32, max_new_tokens=100_000, queue_size=1, request_timeout=1.0)
+    with start(model_dir, **limits) as server:
+        yield server.url
+
+
+def complete(url: str, **body) -> dict:
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def greedy(url: str, prompt: str, max_tokens: int = 24, **extra) -> str:
+    """The text of exactly `max_tokens` greedy tokens (a random model may emit EOS anywhere)."""
+    body = complete(url, prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True, **extra)
+    return body["choices"][0]["text"]
+
+
+def batch_steps(url: str) -> tuple[int, int]:
+    """(decode steps so far, of which with a batch of 1), from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    ones = re.search(r'^itera_decode_batch_size_bucket\{le="1"\} (\d+)$', text, re.M)
+    total = re.search(r"^itera_decode_batch_size_count (\d+)$", text, re.M)
+    return int(total.group(1)), int(ones.group(1))
+
+
+def test_a_completion_has_the_openai_shape(url):
+    body = complete(url, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "tiny"
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("length", "stop") and choice["text"]
+    usage = body["usage"]
+    assert 1 <= usage["completion_tokens"] <= 5 and usage["prompt_tokens"] > 1
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_a_stream_arrives_event_by_event_and_adds_up_to_the_completion(url):
+    events = []
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                events.append(line.removeprefix("data: "))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) > 3 and {c["object"] for c in chunks} == {"text_completion"}
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == greedy(url, "Once upon a time")
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
+
+
+def test_concurrent_greedy_requests_equal_the_same_prompts_run_alone(url):
+    alone = [greedy(url, p) for p in PROMPTS]
+    steps_before, ones_before = batch_steps(url)
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def together(prompt):
+        barrier.wait()
+        return greedy(url, prompt)
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        batched = list(pool.map(together, PROMPTS))
+    assert batched == alone
+    steps, ones = batch_steps(url)
+    assert steps - steps_before > ones - ones_before, "no decode step ran more than one sequence"
+
+
+def test_a_stop_string_ends_the_text_before_it(url):
+    text = greedy(url, "The dog")
+    stop = next(text[i : i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+    body = complete(url, prompt="The dog", max_tokens=24, temperature=0, ignore_eos=True, stop=[stop, "never-seen"])
+    assert body["choices"][0] == {
+        "text": text[: text.index(stop)],
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+
+
+def test_seeded_sampling_repeats_and_n_gives_distinct_choices(url):
+    request = dict(prompt=["The dog", "The sun"], max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, n=2)
+    first, second = complete(url, **request), complete(url, **request)
+    assert first["choices"] == second["choices"]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2, 3]
+    assert len({c["text"] for c in first["choices"]}) > 1
+
+
+BAD_REQUESTS = {
+    "empty prompt": ({"prompt": ""}, "prompt"),
+    "blank prompt": ({"prompt": "   "}, "prompt"),
+    "no prompt": ({"max_tokens": 5}, "prompt"),
+    "token-id prompt": ({"prompt": [1, 2, 3]}, "prompt"),
+    "max_tokens 0": ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    "max_tokens too large": ({"prompt": "a", "max_tokens": 49}, "max_tokens"),
+    "max_tokens a string": ({"prompt": "a", "max_tokens": "ten"}, "max_tokens"),
+    "negative temperature": ({"prompt": "a", "temperature": -0.5}, "temperature"),
+    "top_p 0": ({"prompt": "a", "top_p": 0}, "top_p"),
+    "unknown field": ({"prompt": "a", "max_token": 5}, "max_token"),
+    "n above the batch": ({"prompt": "a", "n": 9}, "n"),
+    "prompt too long": ({"prompt": "the cat " * 40}, "prompt"),
+    "five stop strings": ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "logprobs": ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    "body not an object": ([1, 2], None),
+}
+
+
+@pytest.mark.parametrize("body, param", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_a_bad_request_gets_a_400_that_names_the_problem(url, body, param):
+    response = httpx.post(f"{url}/v1/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert param is None or param in error["message"]
+
+
+def test_a_body_that_is_not_json_gets_a_400_and_the_server_lives_on(url):
+    response = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_a_failing_decode_step_answers_500_and_the_engine_lives_on(server):
+    model = server.app.state.engine.model
+    forward = model.forward
+
+    def fails_on_decode(input_ids, **kwargs):
+        if input_ids.shape[1] == 1:
+            raise RuntimeError("injected failure")
+        return forward(input_ids, **kwargs)
+
+    model.forward = fails_on_decode
+    try:
+        response = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": "The dog", "max_tokens": 5, "ignore_eos": True}, timeout=60
+        )
+    finally:
+        del model.forward
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert complete(server.url, prompt="The dog", max_tokens=5)["usage"]["completion_tokens"] >= 1
+
+
+def test_health_and_metrics(url):
+    complete(url, prompt="The sun", max_tokens=3)
+    assert httpx.get(f"{url}/health").json() == {
+        "status": "ok", "model": "tiny", "active_sequences": 0, "queued_requests": 0
+    }  # fmt: skip
+    response = httpx.get(f"{url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert re.search(r'^itera_http_requests_total\{path="/v1/completions",status="200"\} [1-9]', text, re.M)
+    assert re.search(r"^itera_generated_tokens_total [1-9]", text, re.M)
+    assert re.search(r'^itera_request_latency_seconds_bucket\{le="\+Inf"\} [1-9]', text, re.M)
+
+
+def test_a_burst_beyond_the_queue_gets_429(small_url):
+    def post(_):
+        return httpx.post(
+            f"{small_url}/v1/completions", json={"prompt": "The dog", "max_tokens": 200, "ignore_eos": True}, timeout=60
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, range(8)))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(429) >= 1 and set(statuses) <= {200, 429, 504}, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.json()["error"]["type"] == "rate_limit_exceeded" and rejected.headers["retry-after"]
+
+
+def test_a_request_past_the_timeout_gets_504_and_frees_its_slot(small_url):
+    started = time.monotonic()
+    response = httpx.post(
+        f"{small_url}/v1/completions", json={"prompt": "a", "max_tokens": 100_000, "ignore_eos": True}, timeout=60
+    )
+    assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
+    assert time.monotonic() - started < 10
+    assert complete(small_url, prompt="a", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+def outcomes(url: str) -> dict[str, int]:
+    found = re.findall(r'^itera_completions_total\{outcome="(\w+)"\} (\d+)$', httpx.get(f"{url}/metrics").text, re.M)
+    return {name: int(count) for name, count in found}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_hangs_up_frees_its_slot_at_once(small_url, stream):
+    before = outcomes(small_url)
+    body = {"prompt": "a", "max_tokens": 100_000, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{small_url}/v1/completions", json=body, timeout=5) as response:
+            assert next(response.iter_lines()).startswith("data: ")  # leaving the block closes the connection
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{small_url}/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 5
+    while outcomes(small_url).get("cancelled", 0) == before.get("cancelled", 0):
+        assert time.monotonic() < deadline, "the engine did not notice the client leaving"
+        time.sleep(0.05)
+    assert outcomes(small_url).get("timeout", 0) == before.get("timeout", 0)
+
+
+class ByteTokenizer:
+    """Each id is one byte: enough to split characters and stop strings across tokens."""
+
+    def decode(self, ids, **kwargs):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def stream_text(text: str, stop: list[str]) -> tuple[list[str], TextStream]:
+    stream = TextStream(ByteTokenizer(), stop)
+    deltas = [stream.add(b) for b in text.encode()]
+    return deltas + [stream.finish()], stream
+
+
+def test_text_stream_holds_back_split_characters_and_stop_strings():
+    deltas, stream = stream_text("ab€cd<|eXend", stop=["<|end"])
+    assert "".join(deltas) == "ab€cd<|eXend" and not stream.stopped
+    assert "\ufffd" not in "".join(deltas[:-1])  # the 3 bytes of € were released together
+    deltas, stream = stream_text("ab<|en<|end|>tail", stop=["<|end"])
+    assert "".join(deltas) == "ab<|en" and stream.stopped
+
+
+SAMPLING = [SamplingParams(0.7, 0.9, 0), SamplingParams(1.3, 1.0, 5), SamplingParams(0.5, 0.8, 20),
+            SamplingParams(1.0, 0.3, 0), SamplingParams(2.0, 0.95, 300)]  # fmt: skip
+
+
+def test_batched_filtering_equals_generates_warpers_row_by_row():
+    logits = torch.randn(len(SAMPLING), 1000) * 3
+    temperature = torch.tensor([p.temperature for p in SAMPLING])
+    weights, order = filter_probs((logits / temperature[:, None]).softmax(-1), SAMPLING)
+    ours = torch.zeros_like(logits).scatter(1, order, weights)
+    for row, p in enumerate(SAMPLING):
+        warped = TemperatureLogitsWarper(p.temperature)(None, logits[row : row + 1])
+        warped = TopKLogitsWarper(p.top_k)(None, warped) if p.top_k else warped
+        warped = TopPLogitsWarper(p.top_p)(None, warped) if p.top_p < 1 else warped
+        torch.testing.assert_close(ours[row] / ours[row].sum(), warped.softmax(-1)[0])
