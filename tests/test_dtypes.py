@@ -94,7 +94,9 @@ def test_odd_shaped_projections_stay_unquantized(tmp_path):
     model = IteraLiteForCausalLM(config)
     assert "mixer.in_proj" in model.modules_kept_out_of_quantization()
     model.save_pretrained(tmp_path)
-    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
     assert type(quantized.model.layers[0].mixer.in_proj).__name__ == "Linear"
     assert quantized.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 

@@ -36,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 import modeling_itera
-from training import data, reports
+from training import data, evaluate, reports
 from training.tokenizer import load_or_train
 
 logger = logging.get_logger("training.pretrain")
@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
         "block_size": args.block_size,
     }
     if eval_blocks is not None:
-        eval_metrics = trainer.evaluate(eval_dataset=eval_blocks)
-        metrics["eval_loss"] = eval_metrics["eval_loss"]
-        metrics["perplexity"] = math.exp(eval_metrics["eval_loss"])
+        # Trainer's eval_loss includes the MoE load-balancing term; perplexity is the cross-entropy's alone.
+        metrics["eval_loss"] = trainer.evaluate(eval_dataset=eval_blocks)["eval_loss"]
+        trainer.model.eval()
+        scored = evaluate.perplexity(trainer.model, eval_blocks, training_args.per_device_eval_batch_size)
+        metrics["eval_cross_entropy"], metrics["perplexity"] = scored["loss"], scored["perplexity"]
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
         final = trainer.model.merge_and_unload() if args.lora_r > 0 else trainer.model  # a plain model again

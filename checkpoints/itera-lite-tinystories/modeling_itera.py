@@ -7,12 +7,13 @@ state per layer (transformers' `DynamicCache` of `LinearAttentionLayer`s), so ev
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import BitsAndBytesConfig, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -88,18 +89,14 @@ class IteraLitePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["IteraLiteBlock"]
     _is_stateful = True
     # The decay rates and skips are tiny vectors whose precision matters for long sequences (fp16 loads keep them fp32).
-    _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias"]
-
-    def post_init(self):
-        super().post_init()
-        self._keep_in_fp32_modules = set(self._keep_in_fp32_modules) | set(self.modules_kept_out_of_quantization())
+    # The router is kept too: its few logits pick discrete routes (Switch Transformer's "selective precision").
+    _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias", "feed_forward.router"]
 
     def modules_kept_out_of_quantization(self) -> list[str]:
-        """Linear layers that stay in full precision under bitsandbytes (and fp32 under fp16 loading): the router,
-        whose few logits decide discrete routes, and any projection whose shape the 4-bit CPU kernel rejects.
-        transformers adds `_keep_in_fp32_modules` to bitsandbytes' skip list, so a user passes nothing but the
-        `BitsAndBytesConfig`. Names are suffixes, matched in every layer."""
-        keep = {"feed_forward.router"}
+        """Linear layers that bitsandbytes must leave in full precision: the tied LM head, the router (its few
+        logits pick discrete routes), and any projection whose shape the 4-bit CPU kernel rejects. Names are
+        suffixes, matched in every layer."""
+        keep = {"lm_head", "feed_forward.router"}
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
                 if module.in_features % BNB_CPU_BLOCK_IN or module.out_features % BNB_CPU_BLOCK_OUT:
@@ -108,8 +105,18 @@ class IteraLitePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, with an error that names the file and the tensor when the weights of a
-        local folder are corrupted or do not fit the config."""
+        """`PreTrainedModel.from_pretrained`, with two additions: a `BitsAndBytesConfig` that names no modules to
+        skip gets the model's own list (`modules_kept_out_of_quantization`), so a user passes nothing else; and an
+        error that names the file and the tensor when the weights of a local folder are corrupted or misfit."""
+        quantization = kwargs.get("quantization_config")
+        if isinstance(quantization, BitsAndBytesConfig) and not quantization.llm_int8_skip_modules:
+            config = kwargs.get("config")
+            if not isinstance(config, IteraLiteConfig):
+                config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
+            with torch.device("meta"):
+                keep = cls(config).modules_kept_out_of_quantization()
+            kwargs["quantization_config"] = copy.deepcopy(quantization)
+            kwargs["quantization_config"].llm_int8_skip_modules = keep
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as err:  # safetensors' own error type derives from Exception only
