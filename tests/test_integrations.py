@@ -99,7 +99,8 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(story_fil
     cmd = [sys.executable, "-m", "training.pretrain", *smoke_args(story_files, out, *steps)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
     deadline = time.time() + 600
-    while not (out / "checkpoint-4").exists() and time.time() < deadline and proc.poll() is None:
+    # Kill once checkpoint-4 is complete: the run is then in its next steps or writing checkpoint-8.
+    while not (out / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
