@@ -3,6 +3,7 @@ damaged weight files, a training run killed mid-way, random inputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,3 +114,21 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(story_fil
     tail = {s: v for s, v in losses(resumed).items() if s > 4}
     assert resumed["global_step"] == 60 and tail
     assert tail == pytest.approx({s: losses(whole)[s] for s in tail}, rel=1e-4)
+
+
+def test_two_process_ddp_training_follows_the_single_process_curve(story_files, tmp_path):  # noqa: F811
+    """`torchrun --nproc_per_node 2` (DDP over gloo on CPU), unchanged program, same global batch of 4."""
+    common = ["--max_steps", "6", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no"]
+    single = pretrain.main(smoke_args(story_files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "training.pretrain",
+           *smoke_args(story_files, tmp_path / "two", *common, "--per_device_train_batch_size", "2")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+
+    def losses(metrics):
+        return [e["loss"] for e in metrics["log_history"] if "loss" in e]
+
+    assert len(losses(two)) == 6
+    assert losses(two) == pytest.approx(losses(single), rel=0.02)  # the same curve, within sampling noise
