@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,23 @@ def test_two_process_ddp_training_follows_the_single_process_curve(story_files, 
 
     assert len(losses(two)) == 6
     assert losses(two) == pytest.approx(losses(single), rel=0.02)  # the same curve, within sampling noise
+
+
+@pytest.mark.skipif(shutil.which("lm_eval") is None, reason="lm-evaluation-harness (lm-eval) is not installed")
+def test_lm_evaluation_harness_scores_a_local_task(model_folder, tmp_path):
+    """`lm_eval --model hf` on an Itera-Lite folder, offline, with a perplexity task over a local JSONL file."""
+    data = tmp_path / "stories.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat {i} saw the dog in the park."}) + "\n" for i in range(6)))
+    task = (Path(__file__).resolve().parent.parent / "lm_eval_tasks" / "tinystories_ppl.yaml").read_text()
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "stories.yaml").write_text(
+        task.replace("tinystories_ppl", "stories_ppl").replace("lm_eval_tasks/tinystories_valid.jsonl", str(data))
+    )
+    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_folder},trust_remote_code=True",
+           "--tasks", "stories_ppl", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+           "--batch_size", "2", "--output_path", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["stories_ppl"]
+    assert 1.0 < results["byte_perplexity,none"] < 300  # a finite, sane perplexity from the random tiny model
