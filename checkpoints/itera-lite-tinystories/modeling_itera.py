@@ -194,14 +194,21 @@ class IteraLiteModel(IteraLitePreTrainedModel):
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
             self._check_input_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[0] == 0:
+            inputs_embeds = self.embed_tokens(input_ids.long())  # the embedding takes int64 (or int32) only
+        else:
+            hidden = self.config.hidden_size
+            if inputs_embeds.dim() != 3 or 0 in inputs_embeds.shape[:2] or inputs_embeds.shape[2] != hidden:
+                shape = tuple(inputs_embeds.shape)
+                raise ValueError(f"inputs_embeds must have shape (batch, length > 0, hidden={hidden}), got {shape}")
+            if not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)  # compute in the model's dtype
+        b, l = inputs_embeds.shape[:2]
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < l
+        ):
             raise ValueError(
-                f"inputs_embeds must have shape (batch, length>0, hidden), got {tuple(inputs_embeds.shape)}"
-            )
-        if attention_mask is not None and attention_mask.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(
-                f"attention_mask has batch size {attention_mask.shape[0]}, inputs have {inputs_embeds.shape[0]}"
+                f"attention_mask must have shape (batch={b}, length >= {l}), got {tuple(attention_mask.shape)}"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -301,6 +308,18 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits if (output_router_logits or self.config.output_router_logits) else None,
         )
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """`GenerationMixin.generate`, with the prompt checked first: an empty prompt or a mask that does not
+        match it gets a ValueError that says so, instead of an IndexError deep inside generation."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
+            if ids.dim() != 2 or ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(ids.shape)}")
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        return super().generate(inputs, *args, **kwargs)
 
     def router_aux_loss(
         self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None
