@@ -108,3 +108,29 @@ def test_nf4_on_gpu_generates(tmp_path):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cuda")
     assert model.generate(torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=4).shape == (1, 7)
+
+
+@needs_bnb
+def test_qlora_fine_tuning_on_a_4bit_model_through_the_finetune_program(tmp_path):
+    """QLoRA: a 4-bit base and LoRA adapters with Trainer, on CPU; the result is a plain fp32 model, adapters merged."""
+    from training import finetune
+
+    from .test_training import write_stories
+
+    base = IteraLiteForCausalLM(IteraLiteConfig(**{**BNB_SHAPES, "vocab_size": 300}))
+    from training.tokenizer import train_tokenizer
+
+    stories = write_stories(tmp_path / "train.txt")
+    train_tokenizer(stories, vocab_size=300).save_pretrained(tmp_path / "base")
+    base.save_pretrained(tmp_path / "base")
+    out = tmp_path / "qlora"
+    metrics = finetune.main(["--model", str(tmp_path / "base"), "--train_file", str(tmp_path / "train.txt"),
+                             "--output_dir", str(out), "--max_steps", "3", "--block_size", "32", "--lora_r", "4",
+                             "--load_in_4bit", "true", "--learning_rate", "1e-2",
+                             "--data_cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    assert metrics["global_step"] == 3
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert tuned.dtype == torch.float32 and type(tuned.model.layers[0].mixer.out_proj).__name__ == "Linear"
+    before = dict(base.named_parameters())
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(any(t in n for t in ("in_proj", "out_proj", "gate_up_proj", "down_proj")) for n in changed)

@@ -1,6 +1,6 @@
 """Write the documents of a text file as JSONL ({"text": ...} per line), e.g. for lm-evaluation-harness tasks.
 
-    python -m training.export_jsonl ../shared/data/tinystories/valid.txt lm_eval_tasks/tinystories_valid.jsonl
+python -m training.export_jsonl ../shared/data/tinystories/valid.txt lm_eval_tasks/tinystories_valid.jsonl
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     DataCollatorForLanguageModeling,
     GenerationConfig,
     HfArgumentParser,
@@ -68,6 +69,9 @@ class ScriptArguments:
     save_dtype: str = field(default="float32", metadata={"help": "Storage dtype of the final weights."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; > 0 trains only LoRA adapters (peft)."})
     lora_alpha: int = 16
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load --init_from in 4-bit nf4 (bitsandbytes) and train LoRA adapters."}
+    )
     lora_targets: str = field(
         default="in_proj,out_proj,gate_up_proj,down_proj",
         metadata={"help": "Modules that get LoRA adapters: the SSM projections, the MLPs and the experts."},
@@ -114,6 +118,15 @@ def parse_args(argv: list[str] | None = None, default_recipe: str = "tinystories
 
 def build_model(args: ScriptArguments, tokenizer):
     """A fresh model from a preset, or a saved one to continue from."""
+    if args.init_from and args.load_in_4bit:
+        if args.lora_r <= 0:
+            raise ValueError("--load_in_4bit trains LoRA adapters on a frozen 4-bit model: give --lora_r > 0")
+        from peft import prepare_model_for_kbit_training
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, quantization_config=quantization)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if args.init_from:
         return AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
     preset = choose(load_json("models.json"), args.model_preset, "model preset")
@@ -134,6 +147,22 @@ def add_lora(model, args: ScriptArguments):
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def merged(peft_model, args: ScriptArguments):
+    """The trained adapters merged into a full-precision copy of the base model. After QLoRA the base in memory is
+    4-bit; merging there would re-quantize, so the adapters go onto the fp32 weights loaded again."""
+    if not args.load_in_4bit:
+        return peft_model.merge_and_unload()
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    adapters = get_peft_model_state_dict(peft_model)
+    base = add_lora(AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32), args)
+    set_peft_model_state_dict(base, {k: v.float() for k, v in adapters.items()})
+    base = base.merge_and_unload()
+    base.generation_config = peft_model.generation_config
+    return base
 
 
 class TimeBudget(TrainerCallback):
@@ -267,7 +296,7 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
         metrics["eval_cross_entropy"], metrics["perplexity"] = scored["loss"], scored["perplexity"]
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
-        final = trainer.model.merge_and_unload() if args.lora_r > 0 else trainer.model  # a plain model again
+        final = merged(trainer.model, args) if args.lora_r > 0 else trainer.model  # a plain model again
         reports.save_final(final, tokenizer, out, args.save_dtype)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         reports.plot_losses(trainer.state.log_history, out / "loss.png", title=f"{args.arch} {args.model_preset}")
