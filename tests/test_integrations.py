@@ -122,8 +122,9 @@ def test_two_process_ddp_training_follows_the_single_process_curve(story_files, 
     """`torchrun --nproc_per_node 2` (DDP over gloo on CPU), unchanged program, same global batch of 4."""
     common = ["--max_steps", "6", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no"]
     single = pretrain.main(smoke_args(story_files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.pretrain", *smoke_args(story_files, tmp_path / "two", *common, "--per_device_train_batch_size", "2")]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two_args = smoke_args(story_files, tmp_path / "two", *common, "--per_device_train_batch_size", "2")
+    cmd = [*launcher, "-m", "training.pretrain", *two_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "error" in line]
