@@ -111,9 +111,30 @@ def parse_args(argv: list[str] | None = None, default_recipe: str = "tinystories
     if "--recipe" in argv:
         recipe_name = argv[argv.index("--recipe") + 1]
     recipe = choose(load_json("recipes.json"), recipe_name, "recipe")
-    parser.set_defaults(recipe=recipe_name, output_dir=f"runs/{recipe_name}", report_to="none", **recipe)
+    # On a machine without an accelerator, say so: transformers 5.24 otherwise ignores a torchrun/accelerate launch
+    # on CPU (each process trains alone and they all write the same folder) instead of running DDP over gloo.
+    no_accelerator = not torch.accelerator.is_available()
+    parser.set_defaults(recipe=recipe_name, output_dir=f"runs/{recipe_name}", report_to="none",
+                        use_cpu=no_accelerator, **recipe)  # fmt: skip
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return script_args, training_args
+
+
+def prepare_data(args: ScriptArguments, out: Path):
+    """The tokenizer (loaded, or trained and saved in `out/tokenizer`) and the packed train and eval blocks."""
+    train_texts = data.load_texts(args.train_file or args.dataset_name, split="train")
+    valid_texts = None
+    if args.valid_file or not args.train_file:
+        valid_texts = data.load_texts(args.valid_file or args.dataset_name, split="validation")
+    if args.tokenizer or args.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.init_from)
+    else:
+        tokenizer = load_or_train(out / "tokenizer", train_texts["text"], args.vocab_size)
+    train_blocks = data.tokenize_and_pack(train_texts, tokenizer, args.block_size, args.data_cache_dir)
+    eval_blocks = None
+    if valid_texts is not None:
+        eval_blocks = data.tokenize_and_pack(valid_texts, tokenizer, args.block_size, args.data_cache_dir)
+    return tokenizer, train_blocks, eval_blocks
 
 
 def build_model(args: ScriptArguments, tokenizer):
@@ -229,20 +250,10 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    train_texts = data.load_texts(args.train_file or args.dataset_name, split="train")
-    if args.valid_file or not args.train_file:
-        valid_texts = data.load_texts(args.valid_file or args.dataset_name, split="validation")
-    else:
-        valid_texts = None
-    tokenizer_path = args.tokenizer or args.init_from or out / "tokenizer"
-    if args.tokenizer or args.init_from:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    else:
-        tokenizer = load_or_train(tokenizer_path, train_texts["text"], args.vocab_size)
-    train_blocks = data.tokenize_and_pack(train_texts, tokenizer, args.block_size, args.data_cache_dir)
-    eval_blocks = None
-    if valid_texts is not None:
-        eval_blocks = data.tokenize_and_pack(valid_texts, tokenizer, args.block_size, args.data_cache_dir)
+    # Under torchrun/accelerate the main process trains the tokenizer and packs the data first; the others then
+    # read its files (all writing them at once would race).
+    with training_args.main_process_first(desc="tokenizer and data"):
+        tokenizer, train_blocks, eval_blocks = prepare_data(args, out)
     if eval_blocks is None:
         training_args.eval_strategy = "no"
 
