@@ -110,28 +110,31 @@ class IteraLitePreTrainedModel(PreTrainedModel):
         error that names the file and the tensor when the weights of a local folder are corrupted or misfit."""
         quantization = kwargs.get("quantization_config")
         if isinstance(quantization, BitsAndBytesConfig) and not quantization.llm_int8_skip_modules:
-            config = kwargs.get("config")
-            if not isinstance(config, IteraLiteConfig):
-                config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
-            with torch.device("meta"):
-                keep = cls(config).modules_kept_out_of_quantization()
             kwargs["quantization_config"] = copy.deepcopy(quantization)
-            kwargs["quantization_config"].llm_int8_skip_modules = keep
+            kwargs["quantization_config"].llm_int8_skip_modules = cls._shape_model(
+                pretrained_model_name_or_path, kwargs
+            ).modules_kept_out_of_quantization()
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as err:  # safetensors' own error type derives from Exception only
-            config = kwargs.get("config")
-            if not isinstance(config, IteraLiteConfig):
-                try:
-                    config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
-                except Exception:
-                    raise err from None
-            with torch.device("meta"):
-                shapes = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-            problem = describe_unloadable_weights(pretrained_model_name_or_path, shapes)
+            try:
+                expected = {k: tuple(v.shape) for k, v in cls._shape_model(pretrained_model_name_or_path, kwargs)
+                            .state_dict().items()}  # fmt: skip
+            except Exception:
+                raise err from None
+            problem = describe_unloadable_weights(pretrained_model_name_or_path, expected)
             if problem is None:
                 raise
             raise OSError(f"cannot load the weights: {problem}") from err
+
+    @classmethod
+    def _shape_model(cls, pretrained_model_name_or_path, kwargs: dict) -> IteraLitePreTrainedModel:
+        """The model a checkpoint's config describes, on the meta device: shapes and names, no memory."""
+        config = kwargs.get("config")
+        if not isinstance(config, IteraLiteConfig):
+            config = IteraLiteConfig.from_pretrained(pretrained_model_name_or_path)
+        with torch.device("meta"):
+            return cls(config)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
