@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .card import DEFAULT_LICENSE
 from .push import HubUploadError, push_model
 
 
@@ -20,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", "--branch", dest="revision", help="branch to commit to (created if missing)")
     parser.add_argument("--commit-message", help="default: 'Upload <folder> with hub_upload'")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument("--license", default="apache-2.0", help="license of weights and code (Hub id)")
+    parser.add_argument("--license", default=DEFAULT_LICENSE, help="license of the weights (Hub id)")
     parser.add_argument("--dry-run", action="store_true", help="only write the repository folder; contact nothing")
     parser.add_argument("--output-dir", help="folder the dry run writes (default: <model_folder>-hub)")
     return parser.parse_args(argv)

@@ -19,6 +19,8 @@ from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
 from .folder import files_to_ship, read_config, remote_code_files
 
 DATASET_ID, DATASET_NAME, DATASET_LICENSE = "roneneldan/TinyStories", "TinyStories", "CDLA-Sharing-1.0"
+# Weights trained on TinyStories are a derivative of it, and CDLA-Sharing asks derivatives to keep its terms.
+DEFAULT_LICENSE = "cdla-sharing-1.0"
 TAGS = ["itera-lite", "state-space-model", "mamba2", "mixture-of-experts", "tinystories", "custom_code"]
 
 
@@ -191,7 +193,7 @@ LIMITATIONS = """## Limitations
 """
 
 
-def build_model_card(model_folder: str | Path, repo_id: str, *, license: str = "apache-2.0") -> ModelCard:
+def build_model_card(model_folder: str | Path, repo_id: str, *, license: str = DEFAULT_LICENSE) -> ModelCard:
     """The README.md of the Hub repository `repo_id` for the model saved in `model_folder`.
 
     Args:
@@ -220,6 +222,6 @@ def build_model_card(model_folder: str | Path, repo_id: str, *, license: str = "
         usage(repo_id, skip_4bit, code_files),
         training(metrics),
         LIMITATIONS,
-        f"## License\n\nWeights and code: {license}. Training data: {DATASET_LICENSE} ({DATASET_NAME}).\n",
+        f"## License\n\nWeights: {license}. Code: Apache-2.0. Training data: {DATASET_LICENSE} ({DATASET_NAME}).\n",
     ])  # fmt: skip
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

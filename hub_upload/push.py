@@ -24,7 +24,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from transformers.utils import logging
 
-from .card import build_model_card
+from .card import DEFAULT_LICENSE, build_model_card
 from .folder import files_to_ship, write_repo
 
 logger = logging.get_logger(__name__)
@@ -147,7 +147,7 @@ def push_model(
     create_pr: bool = False,
     dry_run: bool = False,
     output_dir: str | Path | None = None,
-    license: str = "apache-2.0",
+    license: str = DEFAULT_LICENSE,
     token: str | None = None,
     endpoint: str | None = None,
     attempts: int = 3,

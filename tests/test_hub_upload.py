@@ -99,7 +99,7 @@ def test_card_metadata_parameters_and_sections(model_folder, tmp_path):
     card = build_model_card(model_folder, REPO)
     meta = front_matter(str(card))
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
-    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["roneneldan/TinyStories"]
+    assert meta["license"] == "cdla-sharing-1.0" and meta["datasets"] == ["roneneldan/TinyStories"]
     result = meta["model-index"][0]["results"][0]
     assert result["dataset"]["type"] == "roneneldan/TinyStories"
     assert result["metrics"][0] == {"type": "perplexity", "value": PERPLEXITY, "name": "Perplexity"}
