@@ -185,3 +185,11 @@ def test_the_bundled_model_loads_in_fp32_and_writes_english():
     out = model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=30, do_sample=False)
     text = tokenizer.decode(out[0], skip_special_tokens=True)
     assert text.startswith("Once upon a time") and len(text.split()) > 15
+
+
+def test_the_bundled_model_ships_the_current_model_code():
+    """The folder's remote-code copies (used where the package is not installed) must not drift from the package:
+    after changing modeling_itera/, copy its files into the folder again."""
+    package = Path(__file__).resolve().parent.parent / "modeling_itera"
+    for shipped in BUNDLED.glob("*.py"):
+        assert shipped.read_text() == (package / shipped.name).read_text(), f"{shipped} is stale"
