@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_itera.ssm import segment_sum, ssd_chunked, ssd_sequential
+from modeling_itera.ssm import segment_sum, ssd_chunked, ssd_sequential, ssd_step
 
 
 def random_inputs(b=2, l=7, h=3, p=4, n=5, dtype=torch.float64):
@@ -66,3 +66,13 @@ def test_fp32_chunked_scan_is_close_to_float64_on_long_strong_decay():
     y64, _ = ssd_sequential(x, dt, A, B, C, s0)
     y32, _ = ssd_chunked(*(t.float() for t in (x, dt, A, B, C)), 64, s0.float())
     torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_step_equals_the_functional_step():
+    x, dt, A, B, C, state = random_inputs(l=1)
+    y, new_state = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    held = state.clone()
+    y_inplace, returned = ssd_step(held, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], inplace=True)
+    torch.testing.assert_close(y_inplace, y)
+    torch.testing.assert_close(held, new_state)  # the given tensor itself now holds the new state
+    assert returned.data_ptr() == held.data_ptr()
