@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in models.items():
         row = {"parameters": parameters(model)}
         row["decode_tps_batch1"] = generate_tps(model, 1, 16, new_tokens)
-        if name != "mamba2":  # Mamba-2 batches are timed too, but its slow prefill path makes contexts costly
+        if name != "mamba2":  # the context table compares the recurrent cache with Llama's growing KV cache
             row["decode_by_context"] = {}
             for context in contexts:
                 tps, nbytes = decode_at_context(model, context, min(64, new_tokens))

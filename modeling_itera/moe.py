@@ -59,7 +59,8 @@ def load_balancing_loss(
 
 class IteraLiteSparseMoE(nn.Module):
     """Router + experts. `tokens_per_expert` counts, since construction or the last `reset_usage()`, how many token
-    slots each expert has served: the expert usage that a user can inspect."""
+    slots each expert has served: the expert usage that a user can inspect. (Under activation checkpointing the
+    recomputed forward counts a batch twice; the shares between experts stay right.)"""
 
     def __init__(self, config: IteraLiteConfig):
         super().__init__()

@@ -9,7 +9,6 @@ The same program as `training.pretrain` (same flags, same outputs: model folder,
 
 from __future__ import annotations
 
-import json
 import sys
 
 from training import pretrain
@@ -26,8 +25,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        result = main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        sys.exit(f"error: {err}")
-    print(json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=2))
+    pretrain.run_cli(main)

@@ -327,9 +327,14 @@ def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> 
     return metrics
 
 
-if __name__ == "__main__":
+def run_cli(program) -> None:
+    """Runs a training program from the command line: its summary as JSON, or a one-line error and exit code 1."""
     try:
-        result = main()
+        result = program()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=2))
+
+
+if __name__ == "__main__":
+    run_cli(main)
