@@ -103,6 +103,23 @@ def test_an_unknown_preset_lists_the_valid_ones(story_files, tmp_path):
         pretrain.main(["--recipe", "nope"])
 
 
+@pytest.mark.parametrize("spelling", [["--recipe", "smoke"], ["--recipe=smoke"]], ids=["space", "equals"])
+def test_both_flag_spellings_select_the_recipe(spelling):
+    args, training_args = pretrain.parse_args([*spelling, "--block_size=48"])
+    assert args.recipe == "smoke" and training_args.max_steps == 5 and training_args.output_dir == "runs/smoke"
+    assert args.block_size == 48  # a flag still wins over the recipe
+
+
+@pytest.mark.parametrize("equals", [False, True], ids=["space", "equals"])
+def test_finetune_reads_its_flags_in_both_spellings(equals):
+    flags = {"--model": "some/model", "--train_file": "mine.txt", "--recipe": "smoke"}
+    argv = [f"{k}={v}" for k, v in flags.items()] if equals else [x for kv in flags.items() for x in kv]
+    args, training_args = finetune.parse_args(argv)
+    assert (args.init_from, args.train_file, training_args.max_steps) == ("some/model", "mine.txt", 5)
+    with pytest.raises(ValueError, match="--train_file is required"):
+        finetune.parse_args(argv[:1] if equals else argv[:2])  # --model alone
+
+
 def test_five_step_trainer_run_writes_a_loadable_model(story_files, tmp_path):
     out = tmp_path / "run"
     metrics = pretrain.main(smoke_args(story_files, out))

@@ -9,19 +9,31 @@ The same program as `training.pretrain` (same flags, same outputs: model folder,
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass, field
 
 from training import pretrain
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--model" not in argv:
+@dataclass
+class FinetuneArguments(pretrain.ScriptArguments):
+    init_from: str | None = field(
+        default=None,
+        metadata={"aliases": ["--model"], "help": "Required: the saved model folder (or Hub id) to fine-tune."},
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    """`training.pretrain`'s parser with the "finetune" recipe and `--model` for `--init_from`; both required."""
+    args, training_args = pretrain.parse_args(argv, default_recipe="finetune", script_arguments=FinetuneArguments)
+    if not args.init_from:
         raise ValueError("--model is required: the saved model folder (or Hub id) to fine-tune")
-    argv[argv.index("--model")] = "--init_from"
-    if "--train_file" not in argv:
+    if not args.train_file:
         raise ValueError("--train_file is required: a .txt or .jsonl file of your own text")
-    return pretrain.main(argv, default_recipe="finetune")
+    return args, training_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return pretrain.train(*parse_args(argv))
 
 
 if __name__ == "__main__":

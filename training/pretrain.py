@@ -103,19 +103,25 @@ def parse_overrides(text: str | None) -> dict:
     return out
 
 
-def parse_args(argv: list[str] | None = None, default_recipe: str = "tinystories"):
-    """Recipe values become the parser's defaults, so any flag on the command line wins over the recipe."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    recipe_name = default_recipe
-    if "--recipe" in argv:
-        recipe_name = argv[argv.index("--recipe") + 1]
+def parse_args(
+    argv: list[str] | None = None, default_recipe: str = "tinystories", script_arguments: type = ScriptArguments
+):
+    """Recipe values become the parser's defaults, so any flag on the command line wins over the recipe.
+
+    The recipe name itself is read by a first pass of the same parser (without --help, and ignoring what it does not
+    know yet), so `--recipe smoke`, `--recipe=smoke` and argparse's other spellings all select it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first_pass = HfArgumentParser((script_arguments, TrainingArguments), add_help=False)
+    first_pass.set_defaults(recipe=default_recipe)
+    recipe_name = first_pass.parse_known_args(argv)[0].recipe
     recipe = choose(load_json("recipes.json"), recipe_name, "recipe")
+    parser = HfArgumentParser((script_arguments, TrainingArguments))
     # On a machine without an accelerator, say so: transformers 5.24 otherwise ignores a torchrun/accelerate launch
     # on CPU (each process trains alone and they all write the same folder) instead of running DDP over gloo.
     no_accelerator = not torch.accelerator.is_available()
-    parser.set_defaults(recipe=recipe_name, output_dir=f"runs/{recipe_name}", report_to="none",
-                        use_cpu=no_accelerator, **recipe)  # fmt: skip
+    parser.set_defaults(
+        recipe=recipe_name, output_dir=f"runs/{recipe_name}", report_to="none", use_cpu=no_accelerator, **recipe
+    )
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return script_args, training_args
 
@@ -243,7 +249,11 @@ def steps_for_budget(model, args: ScriptArguments, training_args: TrainingArgume
 
 
 def main(argv: list[str] | None = None, default_recipe: str = "tinystories") -> dict:
-    args, training_args = parse_args(argv, default_recipe)
+    return train(*parse_args(argv, default_recipe))
+
+
+def train(args: ScriptArguments, training_args: TrainingArguments) -> dict:
+    """Trains as the parsed arguments say; returns the metrics (also written to `output_dir/metrics.json`)."""
     # Trainer hides NaN/inf losses from its logs by default; the divergence guard needs to see them.
     training_args.logging_nan_inf_filter = False
     torch.manual_seed(training_args.seed)
