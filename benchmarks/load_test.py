@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import httpx
 
 from benchmarks.peers import machine, save
+from modeling_itera.defaults import BUNDLED_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--url", help="a running server on this machine (loopback only)")
-    source.add_argument("--model", default=str(REPO / "checkpoints" / "itera-lite-tinystories"))
+    source.add_argument("--model", default=str(BUNDLED_MODEL))
     source.add_argument("--tiny", action="store_true", help="a tiny random model in a temporary folder")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=64, help="per level (at least one per client)")

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "itera-lite-tinystories"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from modeling_itera.defaults import BUNDLED_MODEL, DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

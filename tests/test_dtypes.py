@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
+from modeling_itera.defaults import nf4_config
 
-from .conftest import TINY
+from .conftest import TINY, write_stories
 
 # Widths that fit bitsandbytes' 4-bit CPU kernel (in % 64, out % 32) for the layers that get quantized.
 BNB_SHAPES = dict(TINY, hidden_size=64, head_dim=32, intermediate_size=128, moe_intermediate_size=64, vocab_size=128)
@@ -105,8 +106,7 @@ def test_odd_shaped_projections_stay_unquantized(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nf4_on_gpu_generates(tmp_path):
     IteraLiteForCausalLM(IteraLiteConfig(**BNB_SHAPES)).save_pretrained(tmp_path)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=nf4_config(), device_map="cuda")
     assert model.generate(torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=4).shape == (1, 7)
 
 
@@ -114,8 +114,6 @@ def test_nf4_on_gpu_generates(tmp_path):
 def test_qlora_fine_tuning_on_a_4bit_model_through_the_finetune_program(tmp_path):
     """QLoRA: a 4-bit base and LoRA adapters with Trainer, on CPU; the result is a plain fp32 model, adapters merged."""
     from training import finetune
-
-    from .test_training import write_stories
 
     base = IteraLiteForCausalLM(IteraLiteConfig(**{**BNB_SHAPES, "vocab_size": 300}))
     from training.tokenizer import train_tokenizer

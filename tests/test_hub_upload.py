@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, GenerationConfig, pipeline
 from hub_upload import HubUploadError, build_model_card, count_parameters, push_model
 from hub_upload.__main__ import main
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
-from tests.conftest import TINY
+from tests.conftest import TINY, smoke_args, write_stories
 from tests.local_hub import TOKEN, LocalHub, free_port
 from training.tokenizer import train_tokenizer
 
@@ -230,8 +230,6 @@ def test_incomplete_model_folder_fails_before_any_request(model_folder, hub, tmp
 def test_pretraining_pushes_the_final_model_with_its_card(hub, tmp_path):
     """`training.pretrain --push_to_hub true`: Trainer's own Hub support during the run, the complete repository
     (weights, remote code, tokenizer, card with the measured perplexity) at the end."""
-    from .test_training import smoke_args, write_stories
-
     write_stories(tmp_path / "train.txt")
     write_stories(tmp_path / "valid.txt", n=20, seed=1)
     args = smoke_args((tmp_path / "train.txt", tmp_path / "valid.txt"), tmp_path / "run",

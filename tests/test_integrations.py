@@ -22,8 +22,7 @@ from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
 from training import finetune, pretrain
 from training.tokenizer import train_tokenizer
 
-from .conftest import TINY
-from .test_training import smoke_args, story_files  # noqa: F401  (fixture)
+from .conftest import TINY, smoke_args
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ def model_folder(tmp_path):
     return tmp_path / "model"
 
 
-def test_lora_fine_tuning_changes_only_the_adapted_modules(story_files, tmp_path):  # noqa: F811
+def test_lora_fine_tuning_changes_only_the_adapted_modules(story_files, tmp_path):
     base = tmp_path / "base"
     pretrain.main(smoke_args(story_files, base))
     train, valid = story_files
@@ -94,7 +93,7 @@ def test_weights_that_do_not_fit_the_config_name_the_tensor(model_folder):
         AutoModelForCausalLM.from_pretrained(model_folder)
 
 
-def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(story_files, tmp_path):  # noqa: F811
+def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(story_files, tmp_path):
     """SIGKILL mid-run, then --resume: the losses after the checkpoint equal those of a run never interrupted."""
     steps = ["--max_steps", "60", "--save_steps", "4", "--logging_steps", "1"]
     whole = pretrain.main(smoke_args(story_files, tmp_path / "whole", *steps))
@@ -118,7 +117,7 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(story_fil
     assert tail == pytest.approx({s: losses(whole)[s] for s in tail}, rel=1e-4)
 
 
-def test_two_process_ddp_training_follows_the_single_process_curve(story_files, tmp_path):  # noqa: F811
+def test_two_process_ddp_training_follows_the_single_process_curve(story_files, tmp_path):
     """`torchrun --nproc_per_node 2` (DDP over gloo on CPU), unchanged program, same global batch of 4."""
     common = ["--max_steps", "6", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no"]
     single = pretrain.main(smoke_args(story_files, tmp_path / "one", *common, "--per_device_train_batch_size", "4"))

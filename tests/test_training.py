@@ -10,30 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from modeling_itera.defaults import BUNDLED_MODEL as BUNDLED
 from training import data, finetune, pretrain
 from training.tokenizer import train_tokenizer
 
-WORDS = "the cat dog sun ran jumped happy little girl boy tree big red blue saw said mom park ball".split()
-
-
-def write_stories(path, n=60, words=30, seed=0):
-    rng = random.Random(seed)
-    stories = [" ".join(rng.choice(WORDS) for _ in range(words)) + "." for _ in range(n)]
-    path.write_text("".join(f"{s}\n{data.DOC_SEPARATOR}\n" for s in stories), encoding="utf-8")
-    return stories
-
-
-@pytest.fixture
-def story_files(tmp_path):
-    write_stories(tmp_path / "train.txt", seed=0)
-    write_stories(tmp_path / "valid.txt", n=20, seed=1)
-    return tmp_path / "train.txt", tmp_path / "valid.txt"
-
-
-def smoke_args(story_files, out, *extra):
-    train, valid = story_files
-    return ["--recipe", "smoke", "--train_file", str(train), "--valid_file", str(valid), "--output_dir", str(out),
-            "--data_cache_dir", str(out.parent / "cache"), *extra]  # fmt: skip
+from .conftest import smoke_args, write_stories
 
 
 def test_tokenizer_round_trips_unicode_and_has_the_full_vocabulary(tmp_path):
@@ -185,9 +166,6 @@ def test_a_nan_loss_stops_training_before_saving(story_files, tmp_path):
     with pytest.raises(FloatingPointError, match="loss became nan"):
         pretrain.main(smoke_args(story_files, out, "--config_overrides", "initializer_range=1e30"))
     assert not (out / "model.safetensors").exists()
-
-
-BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "itera-lite-tinystories"
 
 
 def test_the_bundled_model_loads_in_fp32_and_writes_english():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import modeling_itera  # noqa: F401  (registers the Auto classes)
+from modeling_itera.defaults import BUNDLED_MODEL, nf4_config
 from training import data
 from training.evaluate import perplexity, speed
 
@@ -26,10 +28,9 @@ VARIANTS = {
     "fp32": dict(dtype=torch.float32),
     "bf16": dict(dtype=torch.bfloat16),
     "fp16": dict(dtype=torch.float16),
-    "nf4": dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=torch.bfloat16), dtype=torch.bfloat16),
+    "nf4": dict(quantization_config=nf4_config(), dtype=torch.bfloat16),
     "int8": dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32),
-}  # fmt: skip
+}
 
 
 def weights_on_disk(model) -> int:
@@ -48,7 +49,8 @@ def measure(model_path: str, variant: str, blocks, new_tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m training.compression_report", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="checkpoints/itera-lite-tinystories")
+    # Relative, so that the report names the model the same way on every machine.
+    parser.add_argument("--model", default=os.path.relpath(BUNDLED_MODEL))
     parser.add_argument("--text_file", required=True)
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks of 256 tokens to score")
     parser.add_argument("--new_tokens", type=int, default=64, help="tokens to decode for the speed figure")

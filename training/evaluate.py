@@ -19,9 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_itera  # noqa: F401  (registers the Auto classes)
+from modeling_itera.defaults import DTYPES
 from training import data
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    BitsAndBytesConfig,
     DataCollatorForLanguageModeling,
     GenerationConfig,
     HfArgumentParser,
@@ -37,6 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 import modeling_itera
+from modeling_itera.defaults import nf4_config
 from training import data, evaluate, reports
 from training.tokenizer import load_or_train
 
@@ -150,9 +150,7 @@ def build_model(args: ScriptArguments, tokenizer):
             raise ValueError("--load_in_4bit trains LoRA adapters on a frozen 4-bit model: give --lora_r > 0")
         from peft import prepare_model_for_kbit_training
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(args.init_from, quantization_config=quantization)
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, quantization_config=nf4_config())
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if args.init_from:
         return AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from modeling_itera.defaults import DTYPES
 
 
 def save_final(model, tokenizer, folder: str | Path, save_dtype: str = "float32") -> None:
