@@ -1,6 +1,8 @@
 """Write a story: `python -m modeling_itera "Once upon a time"`, streamed to the terminal.
 
-Uses the bundled model (checkpoints/itera-lite-tinystories) unless `--model` names a folder or a Hub id.
+The default model is the bundled folder (checkpoints/itera-lite-tinystories) when it is there, as in a clone of the
+repository; an installed copy (`pip install .`) has no checkpoints/ and uses the published model on the Hugging Face
+Hub (itera-lite/itera-lite-tinystories) instead. `--model` names any other folder or Hub id.
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, TextStreamer
 
-from modeling_itera.defaults import BUNDLED_MODEL, DTYPES
+from modeling_itera import defaults  # importing the package also registers the Auto classes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m modeling_itera", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", default="Once upon a time", help="the beginning of the story")
-    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="model folder or Hub id (default: bundled)")
+    parser.add_argument(
+        "--model",
+        default=defaults.default_model(),
+        help=f"model folder or Hub id (default: the bundled folder if present, else {defaults.HUB_MODEL_ID})",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -26,9 +32,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--greedy", action="store_true", help="no sampling: always the most likely token")
     parser.add_argument("--seed", type=int, default=None, help="for a reproducible story")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 halves memory on CPU too")
+    parser.add_argument("--dtype", choices=defaults.DTYPES, default="float32", help="bfloat16 halves memory on CPU too")
     parser.add_argument("--trust-remote-code", action="store_true", help="for Hub repositories with remote code")
+    parser.add_argument(
+        "--compile", action="store_true", help="decode with torch.compile (fullgraph); the first tokens take longer"
+    )
     return parser.parse_args(argv)
+
+
+def cannot_load(model: str, err: OSError) -> str:
+    """The error for a Hub id that could not be loaded (offline, or no such repository): what was tried, and what to
+    pass instead."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    tried = f"the model {model!r} could not be loaded from the Hugging Face Hub ({reason})"
+    if model == defaults.HUB_MODEL_ID and not defaults.BUNDLED_MODEL.is_dir():
+        tried = f"no bundled model at {defaults.BUNDLED_MODEL} (not a clone of the repository), and {tried}"
+    return f"error: {tried}. Pass --model FOLDER_OR_HUB_ID: a model folder, or a Hub id that can be reached"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,18 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prompt.strip():
         print("error: the prompt is empty", file=sys.stderr)
         return 2
-    if args.model == str(BUNDLED_MODEL) and not BUNDLED_MODEL.exists():
-        print(f"error: the bundled model is not at {BUNDLED_MODEL}; pass --model FOLDER_OR_HUB_ID", file=sys.stderr)
-        return 2
-    if Path(args.model).exists() and not (Path(args.model) / "config.json").exists():
+    local = Path(args.model).exists()
+    if local and not (Path(args.model) / "config.json").exists():
         print(f"error: {args.model} is not a model folder (no config.json in it)", file=sys.stderr)
         return 2
-    import modeling_itera  # noqa: F401  (registers the Auto classes)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
-    ).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=defaults.DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
+        ).eval()
+    except OSError as err:
+        if local:
+            raise
+        print(cannot_load(args.model, err), file=sys.stderr)
+        return 2
     if args.seed is not None:
         torch.manual_seed(args.seed)
     overrides = {
@@ -60,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.greedy:
         overrides.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if args.compile:
+        overrides["compile_config"] = CompileConfig(fullgraph=True)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     with torch.no_grad():
