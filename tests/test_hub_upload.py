@@ -18,7 +18,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, GenerationConfig, pipeline
 
-from hub_upload import HubUploadError, build_model_card, count_parameters, push_model
+from hub_upload import HubUploadError, build_model_card, count_parameters, push_model, refresh_code
 from hub_upload.__main__ import main
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
 from tests.conftest import TINY, smoke_args, write_stories
@@ -225,6 +225,25 @@ def test_incomplete_model_folder_fails_before_any_request(model_folder, hub, tmp
     with pytest.raises(FileNotFoundError, match="ssm.py"):
         push_model(broken, REPO, endpoint=hub.url)
     assert hub.requests == []
+
+
+def test_refresh_code_brings_back_what_save_pretrained_writes_and_leaves_the_weights(model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    assert refresh_code.stale(folder) == []  # the files it expects are the ones save_pretrained wrote
+    weights, config = (folder / "model.safetensors").read_bytes(), json.loads((folder / "config.json").read_text())
+    (folder / "moe.py").write_text("# an old copy\n")
+    (folder / "ssm.py").unlink()
+    (folder / "gone.py").write_text("# a module the package no longer has\n")
+    broken = {**config, "auto_map": {"AutoConfig": config["auto_map"]["AutoConfig"]}}
+    (folder / "config.json").write_text(json.dumps(broken))
+    assert len(refresh_code.stale(folder)) == 4
+    assert refresh_code.main([str(folder), "--check"]) == 1
+    assert refresh_code.main([str(folder)]) == 0
+    assert refresh_code.stale(folder) == [] and not (folder / "gone.py").exists()
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert json.loads((folder / "config.json").read_text()) == config
+    assert refresh_code.main([str(folder), "--check"]) == 0
 
 
 def test_pretraining_pushes_the_final_model_with_its_card(hub, tmp_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from hub_upload import refresh_code
 from modeling_itera.defaults import BUNDLED_MODEL as BUNDLED
 from training import data, finetune, pretrain
 from training.tokenizer import train_tokenizer
@@ -184,7 +184,9 @@ def test_the_bundled_model_loads_in_fp32_and_writes_english():
 
 def test_the_bundled_model_ships_the_current_model_code():
     """The folder's remote-code copies (used where the package is not installed) must not drift from the package:
-    after changing modeling_itera/, copy its files into the folder again."""
-    package = Path(__file__).resolve().parent.parent / "modeling_itera"
-    for shipped in BUNDLED.glob("*.py"):
-        assert shipped.read_text() == (package / shipped.name).read_text(), f"{shipped} is stale"
+    the same files, with the same text, as `save_pretrained` would write now."""
+    problems = refresh_code.stale(BUNDLED)
+    assert not problems, (
+        "the bundled model's remote code is stale:\n  " + "\n  ".join(problems) + "\nrefresh it (weights untouched) "
+        "with: python -m hub_upload.refresh_code checkpoints/itera-lite-tinystories"
+    )
