@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(), "preset": args.preset, "batch": batch, "length": length, "models": {}}
     for name in MODELS:
         model = build(name, args.preset)
-        # Mamba-2's PyTorch path is ~10x slower: one repeat is enough to rank it.
-        tps = train_tps(model, batch, length, 1 if name == "mamba2" else repeats)
+        tps = train_tps(model, batch, length, repeats)
         result["models"][name] = {"parameters": parameters(model), "train_tokens_per_s": tps}
         print(f"{name}: {tps:.0f} tokens/s", flush=True)
     rows = result["models"]

@@ -1,4 +1,4 @@
-"""The chunked SSD scan equals the plain recurrence; the mixer's cached path equals its full path."""
+"""The chunked SSD scan equals the plain recurrence, in one call or two; the in-place step equals the functional one."""
 
 from __future__ import annotations
 
