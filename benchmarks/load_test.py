@@ -43,9 +43,17 @@ def tiny_model(folder: Path) -> Path:
 
     tokenizer = train_tokenizer(PROMPTS * 20, vocab_size=300)
     config = IteraLiteConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=32,
-        intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, chunk_size=16,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        state_size=16,
+        head_dim=32,
+        intermediate_size=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        chunk_size=16,
+    )
     IteraLiteForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

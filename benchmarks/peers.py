@@ -33,7 +33,7 @@ def build(name: str, preset: str = "tiny", dtype: torch.dtype = torch.float32) -
                 num_key_value_heads=max(1, width // 64),
                 max_position_embeddings=16384,
                 tie_word_embeddings=True,
-            )  # fmt: skip
+            )
         )
     elif name == "mamba2":
         head_dim = shape.get("head_dim", 64)
@@ -49,7 +49,7 @@ def build(name: str, preset: str = "tiny", dtype: torch.dtype = torch.float32) -
                 n_groups=1,
                 chunk_size=shape.get("chunk_size", 64),
                 tie_word_embeddings=True,
-            )  # fmt: skip
+            )
         )
     else:
         raise ValueError(f"unknown model {name!r}; valid: itera-lite, llama, mamba2")
@@ -82,8 +82,12 @@ def cpu_name() -> str:
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def save(name: str, result: dict) -> Path:

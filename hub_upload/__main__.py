@@ -31,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = push_model(
-            args.model_folder, args.repo_id, private=args.private, revision=args.revision,
-            commit_message=args.commit_message, create_pr=args.create_pr, dry_run=args.dry_run,
-            output_dir=args.output_dir, license=args.license,
-        )  # fmt: skip
+            args.model_folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+            dry_run=args.dry_run,
+            output_dir=args.output_dir,
+            license=args.license,
+        )
     except (HubUploadError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"hub_upload: error: {err}", file=sys.stderr)
         return 1

@@ -56,16 +56,29 @@ def card_data(repo_id: str, metrics: dict, license: str) -> ModelCardData:
     name = repo_id.split("/")[-1]
     results = []
     if "perplexity" in metrics:
-        results.append(EvalResult(
-            task_type="text-generation", task_name="Text Generation", dataset_type=DATASET_ID,
-            dataset_name=DATASET_NAME, dataset_split="validation", metric_type="perplexity",
-            metric_name="Perplexity", metric_value=round(float(metrics["perplexity"]), 4),
-        ))  # fmt: skip
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                dataset_type=DATASET_ID,
+                dataset_name=DATASET_NAME,
+                dataset_split="validation",
+                metric_type="perplexity",
+                metric_name="Perplexity",
+                metric_value=round(float(metrics["perplexity"]), 4),
+            )
+        )
     return ModelCardData(
-        model_name=name, language="en", license=license, library_name="transformers",
-        pipeline_tag="text-generation", datasets=[DATASET_ID], tags=TAGS, metrics=["perplexity"],
+        model_name=name,
+        language="en",
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        datasets=[DATASET_ID],
+        tags=TAGS,
+        metrics=["perplexity"],
         eval_results=results or None,
-    )  # fmt: skip
+    )
 
 
 def short(n: int) -> str:
@@ -82,19 +95,25 @@ def exact(n: int) -> str:
 
 def architecture(config: IteraLiteConfig, total: int, active: int, weights: str) -> str:
     moe = config.layers_block_type.count("moe")
+    experts = (
+        f"{moe} layer{'s' * (moe > 1)}, {config.num_experts} SwiGLU experts of width "
+        f"{config.moe_intermediate_size}, top-{config.num_experts_per_tok} routing"
+    )
     rows = [
         ("Parameters", f"{exact(total)} total, {exact(active)} active per token"),
         ("Layers", f"{config.num_hidden_layers}: feed-forward per layer {', '.join(config.layers_block_type)}"),
         ("Hidden size", str(config.hidden_size)),
-        ("SSM mixer", f"Mamba-2 SSD, {config.num_heads} heads × {config.head_dim} channels, state size "
-                      f"{config.state_size}, expand {config.expand}, causal conv kernel {config.conv_kernel}"),
+        (
+            "SSM mixer",
+            f"Mamba-2 SSD, {config.num_heads} heads × {config.head_dim} channels, state size "
+            f"{config.state_size}, expand {config.expand}, causal conv kernel {config.conv_kernel}",
+        ),
         ("Dense MLP", f"SwiGLU, width {config.intermediate_size}"),
-        ("Sparse MoE", f"{moe} layer{'s' * (moe > 1)}, {config.num_experts} SwiGLU experts of width "
-                       f"{config.moe_intermediate_size}, top-{config.num_experts_per_tok} routing" if moe else "none"),
+        ("Sparse MoE", experts if moe else "none"),
         ("Vocabulary", f"{config.vocab_size} (byte-level BPE)"),
         ("Tied embeddings", "yes" if config.tie_word_embeddings else "no"),
         ("Weights", weights),
-    ]  # fmt: skip
+    ]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return (
         "## Architecture\n\n"
@@ -213,15 +232,17 @@ def build_model_card(model_folder: str | Path, repo_id: str, *, license: str = D
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     total, active, skip_4bit = count_parameters(config)
     data = card_data(repo_id, metrics, license)
-    body = "\n".join([
-        f"# {repo_id.split('/')[-1]}\n\nA small causal language model for short English stories: a Mamba-2-style "
-        "state-space mixer with a sparse mixture-of-experts feed-forward "
-        f"({short(total)} parameters, {short(active)} active per token).\n",
-        architecture(config, total, active, weights_summary(folder)),
-        evaluation(metrics),
-        usage(repo_id, skip_4bit, code_files),
-        training(metrics),
-        LIMITATIONS,
-        f"## License\n\nWeights: {license}. Code: Apache-2.0. Training data: {DATASET_LICENSE} ({DATASET_NAME}).\n",
-    ])  # fmt: skip
+    body = "\n".join(
+        [
+            f"# {repo_id.split('/')[-1]}\n\nA small causal language model for short English stories: a Mamba-2-style "
+            "state-space mixer with a sparse mixture-of-experts feed-forward "
+            f"({short(total)} parameters, {short(active)} active per token).\n",
+            architecture(config, total, active, weights_summary(folder)),
+            evaluation(metrics),
+            usage(repo_id, skip_4bit, code_files),
+            training(metrics),
+            LIMITATIONS,
+            f"## License\n\nWeights: {license}. Code: Apache-2.0. Training data: {DATASET_LICENSE} ({DATASET_NAME}).\n",
+        ]
+    )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")

@@ -16,9 +16,16 @@ from huggingface_hub import ModelCard
 
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 # Same-folder relative imports: the files `custom_object_save` copies and the Hub's dynamic-module loader fetches.
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)

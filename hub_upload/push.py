@@ -194,12 +194,19 @@ def push_model(
         # Each retry of a PR commit would open another PR: only one attempt then.
         commit_retry = {**retry, "attempts": 1} if create_pr else retry
         info = with_retries(
-            lambda: commit_folder(api, Path(tmp), names, repo_id, commit_message=message, revision=branch,
-                                  create_pr=create_pr),
+            lambda: commit_folder(
+                api, Path(tmp), names, repo_id, commit_message=message, revision=branch, create_pr=create_pr
+            ),
             **commit_retry,
-        )  # fmt: skip
+        )
     changed = info.pr_url is not None or info.oid != before
     if not changed:
         logger.info(f"{repo_id}@{branch} already holds these files: no commit was made")
-    return PushResult(repo_id=repo_id, files=names, commit_oid=info.oid, commit_url=info.commit_url,
-                      pr_url=info.pr_url, changed=changed)  # fmt: skip
+    return PushResult(
+        repo_id=repo_id,
+        files=names,
+        commit_oid=info.oid,
+        commit_url=info.commit_url,
+        pr_url=info.pr_url,
+        changed=changed,
+    )

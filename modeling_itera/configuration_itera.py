@@ -113,26 +113,35 @@ class IteraLiteConfig(PreTrainedConfig):
             return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
         d_inner = self.expand * self.hidden_size if positive_int(self.expand) and positive_int(self.hidden_size) else 0
-        rules = [(name, positive_int, "a positive int") for name in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "head_dim", "conv_kernel",
-            "chunk_size", "intermediate_size", "moe_layer_period")]  # fmt: skip
-        rules += [(name, positive_float, "a finite float > 0") for name in (
-            "time_step_min", "time_step_max", "time_step_floor", "rms_norm_eps", "initializer_range")]  # fmt: skip
+        ints = "vocab_size hidden_size num_hidden_layers state_size expand head_dim conv_kernel chunk_size"
+        ints += " intermediate_size moe_layer_period"
+        floats = "time_step_min time_step_max time_step_floor rms_norm_eps initializer_range"
+        rules = [(name, positive_int, "a positive int") for name in ints.split()]
+        rules += [(name, positive_float, "a finite float > 0") for name in floats.split()]
         rules += [
             ("num_experts", lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0 disables MoE)"),
             ("head_dim", lambda v: d_inner % v == 0, f"a divisor of expand * hidden_size = {d_inner}"),
             ("time_step_max", lambda v: v >= self.time_step_min, f">= time_step_min={self.time_step_min}"),
-            ("router_aux_loss_coef", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-             "a finite float >= 0"),
-            ("moe_layer_offset", lambda v: isinstance(v, int) and 0 <= v < self.moe_layer_period,
-             f"an int in [0, moe_layer_period={self.moe_layer_period})"),
-        ]  # fmt: skip
+            (
+                "router_aux_loss_coef",
+                lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                "a finite float >= 0",
+            ),
+            (
+                "moe_layer_offset",
+                lambda v: isinstance(v, int) and 0 <= v < self.moe_layer_period,
+                f"an int in [0, moe_layer_period={self.moe_layer_period})",
+            ),
+        ]
         if self.num_experts:
             rules += [
-                ("num_experts_per_tok", lambda v: isinstance(v, int) and 1 <= v <= self.num_experts,
-                 f"an int in [1, num_experts={self.num_experts}]"),
+                (
+                    "num_experts_per_tok",
+                    lambda v: isinstance(v, int) and 1 <= v <= self.num_experts,
+                    f"an int in [1, num_experts={self.num_experts}]",
+                ),
                 ("moe_intermediate_size", positive_int, "a positive int"),
-            ]  # fmt: skip
+            ]
         for name, ok, expected in rules:
             value = getattr(self, name)
             if not ok(value):

@@ -103,10 +103,14 @@ class LocalHub:
     def preupload(self, body: dict, m):
         tree = self.files(m["repo"], unquote(m["rev"]))
         files = [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_blob_id(tree[f["path"]]) if f["path"] in tree else None}
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_id(tree[f["path"]]) if f["path"] in tree else None,
+            }
             for f in body["files"]
-        ]  # fmt: skip
+        ]
         return 200, {"files": files}, {}
 
     def commit(self, lines: list[dict], m, create_pr: bool):
@@ -130,8 +134,9 @@ class LocalHub:
         repo_id, ref = m["repo"], unquote(m["rev"] or "main")
         sha = self.repos[repo_id].refs[ref]
         siblings = [{"rfilename": p} for p in sorted(self.repos[repo_id].trees[sha])]
-        return 200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": self.repos[repo_id].private,
-                     "siblings": siblings, "tags": []}, {}  # fmt: skip
+        private = self.repos[repo_id].private
+        info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": private, "siblings": siblings, "tags": []}
+        return 200, info, {}
 
     def resolve(self, m, head: bool):
         repo_id, ref, path = m["repo"], unquote(m["rev"]), unquote(m["path"])

@@ -122,10 +122,10 @@ def test_qlora_fine_tuning_on_a_4bit_model_through_the_finetune_program(tmp_path
     train_tokenizer(stories, vocab_size=300).save_pretrained(tmp_path / "base")
     base.save_pretrained(tmp_path / "base")
     out = tmp_path / "qlora"
-    metrics = finetune.main(["--model", str(tmp_path / "base"), "--train_file", str(tmp_path / "train.txt"),
-                             "--output_dir", str(out), "--max_steps", "3", "--block_size", "32", "--lora_r", "4",
-                             "--load_in_4bit", "true", "--learning_rate", "1e-2",
-                             "--data_cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    argv = ["--model", str(tmp_path / "base"), "--train_file", str(tmp_path / "train.txt"), "--output_dir", str(out)]
+    argv += ["--max_steps", "3", "--block_size", "32", "--lora_r", "4", "--load_in_4bit", "true"]
+    argv += ["--learning_rate", "1e-2", "--data_cache_dir", str(tmp_path / "cache")]
+    metrics = finetune.main(argv)
     assert metrics["global_step"] == 3
     tuned = AutoModelForCausalLM.from_pretrained(out)
     assert tuned.dtype == torch.float32 and type(tuned.model.layers[0].mixer.out_proj).__name__ == "Linear"

@@ -58,8 +58,9 @@ def test_generate_answers_or_explains(inputs, new_tokens, sample):
     ids, mask = inputs
     try:
         with torch.no_grad():
-            out = MODEL.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=sample,
-                                 pad_token_id=0)  # fmt: skip
+            out = MODEL.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=sample, pad_token_id=0
+            )
     except ValueError as err:
         assert explained(err) or "generat" in str(err) or "length" in str(err), err
         return

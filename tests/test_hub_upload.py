@@ -28,8 +28,14 @@ from training.tokenizer import train_tokenizer
 REPO = "local/itera-tiny"
 PERPLEXITY = 123.456
 # Plus the remote-code .py files, whichever modeling_itera has (configuration_itera.py, modeling_itera.py, ssm.py, ...).
-FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json"}  # fmt: skip
+FILES = {
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 PROMPT, NEW_TOKENS = "once upon a", 8
 
 # Runs where modeling_itera cannot be imported, so the model can only come from the repository's remote code.
@@ -55,13 +61,15 @@ def model_folder(tmp_path_factory):
     tokenizer = train_tokenizer([" ".join(rng.choices(words, k=12)) + "." for _ in range(300)], vocab_size=300)
     torch.manual_seed(0)
     model = IteraLiteForCausalLM(IteraLiteConfig(**{**TINY, "vocab_size": len(tokenizer)}))
-    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=NEW_TOKENS, bos_token_id=1,
-                                               eos_token_id=2, pad_token_id=0)  # fmt: skip
+    model.generation_config = GenerationConfig(
+        do_sample=False, max_new_tokens=NEW_TOKENS, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
     folder = tmp_path_factory.mktemp("run") / "itera-tiny"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "metrics.json").write_text(json.dumps({"perplexity": PERPLEXITY, "eval_loss": 4.8159,
-                                                     "train_tokens": 12345, "log_history": []}))  # fmt: skip
+    (folder / "metrics.json").write_text(
+        json.dumps({"perplexity": PERPLEXITY, "eval_loss": 4.8159, "train_tokens": 12345, "log_history": []})
+    )
     return folder
 
 
@@ -111,8 +119,9 @@ def test_card_metadata_parameters_and_sections(model_folder, tmp_path):
     assert count_parameters(model.config)[:2] == (total, total - idle) and idle > 0
     text = card.text
     assert f"{total:,}" in text and f"{total - idle:,}" in text
-    for snippet in ("trust_remote_code=True", 'pipeline("text-generation"', "dtype=torch.bfloat16", "load_in_4bit=True",
-                    f'from_pretrained("{REPO}"', "CDLA-Sharing-1.0", "## Limitations", "## Architecture"):  # fmt: skip
+    snippets = ("trust_remote_code=True", 'pipeline("text-generation"', "dtype=torch.bfloat16", "load_in_4bit=True")
+    snippets += (f'from_pretrained("{REPO}"', "CDLA-Sharing-1.0", "## Limitations", "## Architecture")
+    for snippet in snippets:
         assert snippet in text, snippet
 
     bare = tmp_path / "no-metrics"
@@ -146,8 +155,14 @@ def test_push_then_load_back_as_remote_code(model_folder, shipped, hub, tmp_path
     assert metric["value"] == PERPLEXITY
 
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "fresh_home")}
-    proc = subprocess.run([sys.executable, "-c", LOAD_BACK, REPO, PROMPT, str(NEW_TOKENS)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_BACK, REPO, PROMPT, str(NEW_TOKENS)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = json.loads(proc.stdout.strip().splitlines()[-1])
     assert remote["module"].startswith("transformers_modules.")  # the repository's code, not the local package
@@ -251,11 +266,17 @@ def test_pretraining_pushes_the_final_model_with_its_card(hub, tmp_path):
     (weights, remote code, tokenizer, card with the measured perplexity) at the end."""
     write_stories(tmp_path / "train.txt")
     write_stories(tmp_path / "valid.txt", n=20, seed=1)
-    args = smoke_args((tmp_path / "train.txt", tmp_path / "valid.txt"), tmp_path / "run",
-                      "--push_to_hub", "true", "--hub_model_id", "local/trained-tiny")  # fmt: skip
+    push = ["--push_to_hub", "true", "--hub_model_id", "local/trained-tiny"]
+    args = smoke_args((tmp_path / "train.txt", tmp_path / "valid.txt"), tmp_path / "run", *push)
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-m", "training.pretrain", *args], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.pretrain", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = hub.files("local/trained-tiny")
     assert {"model.safetensors", "modeling_itera.py", "tokenizer.json", "generation_config.json"} <= set(files)

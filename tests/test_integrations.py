@@ -41,9 +41,9 @@ def test_lora_fine_tuning_changes_only_the_adapted_modules(story_files, tmp_path
     pretrain.main(smoke_args(story_files, base))
     train, valid = story_files
     out = tmp_path / "lora"
-    metrics = finetune.main(["--model", str(base), "--train_file", str(train), "--valid_file", str(valid),
-                             "--output_dir", str(out), "--max_steps", "3", "--block_size", "32", "--lora_r", "4",
-                             "--learning_rate", "1e-2", "--data_cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    argv = ["--model", str(base), "--train_file", str(train), "--valid_file", str(valid), "--output_dir", str(out)]
+    argv += ["--max_steps", "3", "--block_size", "32", "--lora_r", "4", "--learning_rate", "1e-2"]
+    metrics = finetune.main([*argv, "--data_cache_dir", str(tmp_path / "cache")])
     assert metrics["global_step"] == 3
     before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()  # merged back: a plain model, no adapter tensors left
@@ -148,9 +148,9 @@ def test_lm_evaluation_harness_scores_a_local_task(model_folder, tmp_path):
     (tmp_path / "tasks" / "stories.yaml").write_text(
         task.replace("tinystories_ppl", "stories_ppl").replace("lm_eval_tasks/tinystories_valid.jsonl", str(data))
     )
-    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_folder},trust_remote_code=True",
-           "--tasks", "stories_ppl", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
-           "--batch_size", "2", "--output_path", str(tmp_path / "out")]  # fmt: skip
+    cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_folder},trust_remote_code=True"]
+    cmd += ["--tasks", "stories_ppl", "--include_path", str(tmp_path / "tasks"), "--device", "cpu"]
+    cmd += ["--batch_size", "2", "--output_path", str(tmp_path / "out")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -238,8 +238,11 @@ def test_a_failing_decode_step_answers_500_and_the_engine_lives_on(server):
 def test_health_and_metrics(url):
     complete(url, prompt="The sun", max_tokens=3)
     assert httpx.get(f"{url}/health").json() == {
-        "status": "ok", "model": "tiny", "active_sequences": 0, "queued_requests": 0
-    }  # fmt: skip
+        "status": "ok",
+        "model": "tiny",
+        "active_sequences": 0,
+        "queued_requests": 0,
+    }
     response = httpx.get(f"{url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -315,8 +318,13 @@ def test_text_stream_holds_back_split_characters_and_stop_strings():
     assert "".join(deltas) == "ab<|en" and stream.stopped
 
 
-SAMPLING = [SamplingParams(0.7, 0.9, 0), SamplingParams(1.3, 1.0, 5), SamplingParams(0.5, 0.8, 20),
-            SamplingParams(1.0, 0.3, 0), SamplingParams(2.0, 0.95, 300)]  # fmt: skip
+SAMPLING = [
+    SamplingParams(0.7, 0.9, 0),
+    SamplingParams(1.3, 1.0, 5),
+    SamplingParams(0.5, 0.8, 20),
+    SamplingParams(1.0, 0.3, 0),
+    SamplingParams(2.0, 0.95, 300),
+]
 
 
 def test_batched_filtering_equals_generates_warpers_row_by_row():

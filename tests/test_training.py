@@ -152,9 +152,9 @@ def test_finetune_continues_from_a_saved_model(story_files, tmp_path):
     pretrain.main(smoke_args(story_files, base))
     out = tmp_path / "ft"
     train, valid = story_files
-    metrics = finetune.main(["--model", str(base), "--train_file", str(train), "--valid_file", str(valid),
-                             "--output_dir", str(out), "--max_steps", "2", "--block_size", "32",
-                             "--data_cache_dir", str(tmp_path / "cache")])  # fmt: skip
+    argv = ["--model", str(base), "--train_file", str(train), "--valid_file", str(valid), "--output_dir", str(out)]
+    argv += ["--max_steps", "2", "--block_size", "32", "--data_cache_dir", str(tmp_path / "cache")]
+    metrics = finetune.main(argv)
     assert metrics["global_step"] == 2
     before = AutoModelForCausalLM.from_pretrained(base).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out).state_dict()

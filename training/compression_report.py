@@ -65,15 +65,19 @@ def main(argv: list[str] | None = None) -> dict:
         report["variants"][variant] = measure(args.model, variant, blocks, args.new_tokens)
         print(variant, report["variants"][variant], flush=True)
     base = report["variants"].get("fp32")
-    print("\n| variant | weights on disk | weights in memory | x fp32 | perplexity | Δ vs fp32 | decode tok/s | "
-          "prefill tok/s |\n|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    print(
+        "\n| variant | weights on disk | weights in memory | x fp32 | perplexity | Δ vs fp32 | decode tok/s | "
+        "prefill tok/s |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for variant, row in report["variants"].items():
         ratio = row["memory_bytes"] / base["memory_bytes"] if base else float("nan")
         delta = (row["perplexity"] / base["perplexity"] - 1) * 100 if base else float("nan")
         row["memory_vs_fp32"], row["perplexity_change_pct"] = ratio, delta
-        print(f"| {variant} | {row['disk_bytes'] / 1e6:.1f} MB | {row['memory_bytes'] / 1e6:.1f} MB | {ratio:.2f} | "
-              f"{row['perplexity']:.3f} | {delta:+.2f}% | {row['decode_tokens_per_s']:.0f} | "
-              f"{row['prefill_tokens_per_s']:.0f} |")  # fmt: skip
+        print(
+            f"| {variant} | {row['disk_bytes'] / 1e6:.1f} MB | {row['memory_bytes'] / 1e6:.1f} MB | {ratio:.2f} | "
+            f"{row['perplexity']:.3f} | {delta:+.2f}% | {row['decode_tokens_per_s']:.0f} | "
+            f"{row['prefill_tokens_per_s']:.0f} |"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return report

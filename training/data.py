@@ -101,8 +101,7 @@ def tokenize_and_pack(
         usable = len(flat) - len(flat) % block_size
         return {"input_ids": [flat[i : i + block_size] for i in range(0, usable, block_size)]}
 
-    tokens = texts.map(tokenize, batched=True, num_proc=num_proc, remove_columns=texts.column_names,
-                       desc="Tokenizing")  # fmt: skip
+    tokens = texts.map(tokenize, batched=True, num_proc=num_proc, remove_columns=texts.column_names, desc="Tokenizing")
     # One packing pass over everything (batch_size=None): blocks then span document boundaries, as intended.
     blocks = tokens.map(pack, batched=True, batch_size=None, desc="Packing")
     if len(blocks) == 0:

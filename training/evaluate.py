@@ -55,15 +55,27 @@ def speed(model, vocab_size: int, new_tokens: int = 128, prompt_tokens: int = 16
     return {"decode_tokens_per_s": round(decode, 1), "prefill_tokens_per_s": round(prefill, 1)}
 
 
-def evaluate_model(model_path: str, text_file: str, block_sizes: list[int], dtype: str = "float32",
-                   batch_size: int = 8, with_speed: bool = False, threads: int | None = None) -> dict:  # fmt: skip
+def evaluate_model(
+    model_path: str,
+    text_file: str,
+    block_sizes: list[int],
+    dtype: str = "float32",
+    batch_size: int = 8,
+    with_speed: bool = False,
+    threads: int | None = None,
+) -> dict:
     if threads:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
     texts = data.load_texts(text_file)
-    result = {"model": model_path, "text_file": text_file, "dtype": dtype,
-              "parameters": sum(p.numel() for p in model.parameters()), "by_block_size": {}}  # fmt: skip
+    result = {
+        "model": model_path,
+        "text_file": text_file,
+        "dtype": dtype,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "by_block_size": {},
+    }
     for block_size in block_sizes:
         blocks = data.tokenize_and_pack(texts, tokenizer, block_size)
         result["by_block_size"][block_size] = perplexity(model, blocks, max(1, batch_size * 256 // block_size))
@@ -85,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not Path(args.model).exists():
         parser.error(f"model folder not found: {args.model}")
-    result = evaluate_model(args.model, args.text_file, args.block_sizes, args.dtype, args.batch_size, args.speed,
-                            args.threads)  # fmt: skip
+    result = evaluate_model(
+        args.model, args.text_file, args.block_sizes, args.dtype, args.batch_size, args.speed, args.threads
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

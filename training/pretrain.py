@@ -43,8 +43,9 @@ from training.tokenizer import load_or_train
 logger = logging.get_logger("training.pretrain")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configuration"
 # What the shipped generation_config.json says; the pipeline would otherwise sample with its own defaults.
-GENERATION_DEFAULTS = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1,
-                           max_new_tokens=200)  # fmt: skip
+GENERATION_DEFAULTS = dict(
+    do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, max_new_tokens=200
+)
 
 
 @dataclass
@@ -156,8 +157,12 @@ def build_model(args: ScriptArguments, tokenizer):
         return AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
     preset = choose(load_json("models.json"), args.model_preset, "model preset")
     preset.update(parse_overrides(args.config_overrides))
-    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    ids = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if args.arch == "itera":
         return modeling_itera.IteraLiteForCausalLM(modeling_itera.IteraLiteConfig(**{**preset, **ids}))
     if args.arch == "llama":
@@ -267,9 +272,11 @@ def train(args: ScriptArguments, training_args: TrainingArguments) -> dict:
 
     model = build_model(args, tokenizer)
     model.generation_config = GenerationConfig(
-        **GENERATION_DEFAULTS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **GENERATION_DEFAULTS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     if args.lora_r > 0:
         model = add_lora(model, args)
     if args.time_budget and training_args.max_steps <= 0:
