@@ -107,8 +107,10 @@ def summarize(result: dict, batch: int) -> None:
     print(f"\n| model | params | decode tok/s (b=1) | decode tok/s (b={batch}) | prefill tok/s |")
     print("|---|---:|---:|---:|---:|")
     for name, row in rows.items():
-        print(f"| {name} | {row['parameters'] / 1e6:.2f}M | {row['decode_tps_batch1']:.0f} | "
-              f"{row[f'decode_tps_batch{batch}']:.0f} | {row['prefill_tps']:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {row['parameters'] / 1e6:.2f}M | {row['decode_tps_batch1']:.0f} | "
+            f"{row[f'decode_tps_batch{batch}']:.0f} | {row['prefill_tps']:.0f} |"
+        )
     print("\n| context | itera-lite tok/s | itera-lite cache bytes/seq | llama tok/s | llama cache bytes/seq |")
     print("|---:|---:|---:|---:|---:|")
     for c in contexts:

@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "itera-lite-tinystories"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load(model: str | Path, dtype: str = "float32", load_in_4bit: bool = False, trust_remote_code: bool = False):
     """Returns (model in eval mode, tokenizer). Raises `ValueError` for a folder that is not a model."""
     path = Path(model)

@@ -60,8 +60,10 @@ def test_greedy_generate_equals_manual_greedy_loop(tiny_model):
 def test_beam_search_with_cache_equals_without(tiny_model, num_beams):
     prompt = ids(b=2, l=4)
     kwargs = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False, eos_token_id=None)
-    assert tiny_model.generate(prompt, **kwargs).tolist() == tiny_model.generate(prompt, use_cache=False,
-                                                                                 **kwargs).tolist()  # fmt: skip
+    assert (
+        tiny_model.generate(prompt, **kwargs).tolist()
+        == tiny_model.generate(prompt, use_cache=False, **kwargs).tolist()
+    )
 
 
 @torch.no_grad()
@@ -84,8 +86,9 @@ def test_left_padded_batch_rows_equal_their_unpadded_runs(tiny_model, tiny_confi
 @torch.no_grad()
 def test_generation_continues_from_a_returned_cache_with_only_new_tokens(tiny_model):
     prompt, more = ids(b=1, l=6), ids(b=1, l=3)
-    first = tiny_model.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None,
-                                return_dict_in_generate=True)  # fmt: skip
+    first = tiny_model.generate(
+        prompt, max_new_tokens=5, do_sample=False, eos_token_id=None, return_dict_in_generate=True
+    )
     # The cache has seen all but the last generated token: pass that token and the new text only.
     new_tokens = torch.cat([first.sequences[:, -1:], more], 1)
     out = tiny_model(new_tokens, cache=first.cache).logits[:, -1]
@@ -108,8 +111,9 @@ def test_cache_bytes_do_not_grow_with_generated_tokens(tiny_model, tiny_config):
     prompt = ids(b=1, l=4)
     sizes = []
     for n in (1, 10, 100):
-        out = tiny_model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  return_dict_in_generate=True)  # fmt: skip
+        out = tiny_model.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict_in_generate=True
+        )
         sizes.append(cache_nbytes(out.cache))
     per_layer = (tiny_config.intermediate_ssm_size + 2 * tiny_config.state_size) * tiny_config.conv_kernel + (
         tiny_config.num_heads * tiny_config.head_dim * tiny_config.state_size
@@ -157,9 +161,13 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tiny_model, tmp_
         out = model.generate(torch.tensor({prompt.tolist()}), max_new_tokens=6, do_sample=False, eos_token_id=None)
         print(out.tolist())
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                 "HF_MODULES_CACHE": str(tmp_path / "modules")})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
-from modeling_itera.moe import IteraLiteSparseMoE, load_balancing_loss, route
+from modeling_itera.moe import DENSE_DISPATCH_MAX_TOKENS, IteraLiteSparseMoE, load_balancing_loss, route
 
 from .conftest import TINY
 
@@ -90,8 +93,9 @@ def test_aux_loss_under_gradient_accumulation_adds_up_to_one_mean(tiny_config):
     total = (labels[..., 1:] != -100).sum()
     parts = [model(ids[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=total) for i in (0, 2)]
     aux_expected = sum(p.aux_loss * (labels[i : i + 2, 1:] != -100).sum() / total for p, i in zip(parts, (0, 2)))
-    ce_sum = sum(model.loss_function(p.logits, labels[i : i + 2], 99, num_items_in_batch=total)
-                 for p, i in zip(parts, (0, 2)))  # fmt: skip
+    ce_sum = sum(
+        model.loss_function(p.logits, labels[i : i + 2], 99, num_items_in_batch=total) for p, i in zip(parts, (0, 2))
+    )
     torch.testing.assert_close(parts[0].loss + parts[1].loss, ce_sum + tiny_config.router_aux_loss_coef * aux_expected)
 
 
@@ -101,3 +105,77 @@ def test_expert_usage_reports_every_moe_layer(tiny_model, tiny_config):
     usage = tiny_model.expert_usage()
     assert list(usage) == [i for i, t in enumerate(tiny_config.layers_block_type) if t == "moe"]
     assert all(sum(counts) == 6 * tiny_config.num_experts_per_tok for counts in usage.values())
+
+
+def reference_moe(moe: IteraLiteSparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE as its definition reads: each token's output is the weighted sum of its k chosen experts."""
+    tokens = x.reshape(-1, x.shape[-1])
+    weights, experts = route(moe.router(tokens), moe.top_k)
+    rows = [
+        sum(weights[i, j].to(token.dtype) * moe.experts[e](token) for j, e in enumerate(experts[i].tolist()))
+        for i, token in enumerate(tokens)
+    ]
+    return torch.stack(rows).reshape(x.shape)
+
+
+def starve_expert(moe: IteraLiteSparseMoE, expert: int) -> None:
+    with torch.no_grad():  # a router that never picks `expert` for positive inputs
+        moe.router.weight[expert] = -1.0
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40], ids=["one-token", "few-tokens", "many-tokens"])
+@pytest.mark.parametrize("dispatch", ["dense", "looped"])
+def test_every_dispatch_equals_the_definition_in_float64(dispatch, tokens):
+    moe = make_moe().double()
+    starve_expert(moe, 3)
+    x = torch.randn(1, tokens, TINY["hidden_size"], dtype=torch.float64).abs()
+    out, _ = moe(x, dispatch=dispatch)
+    torch.testing.assert_close(out, reference_moe(moe, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped", "looped"])
+def test_dispatch_forms_give_the_same_outputs_and_gradients(dispatch):
+    """The grouped matmul has no float64 kernel: fp32 against the float64 definition, gradients included."""
+    moe = make_moe()
+    starve_expert(moe, 3)
+    x = torch.randn(2, 20, TINY["hidden_size"]).abs().requires_grad_()
+    out, _ = moe(x, dispatch=dispatch)
+    out.pow(2).sum().backward()
+    ref_moe = copy.deepcopy(moe).double()
+    x64 = x.detach().double().requires_grad_()
+    ref = reference_moe(ref_moe, x64)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+    for p, p64 in zip(moe.parameters(), ref_moe.parameters()):
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        grad64 = p64.grad if p64.grad is not None else torch.zeros_like(p64)
+        torch.testing.assert_close(grad, grad64.float(), rtol=1e-4, atol=1e-5)
+    assert moe.experts[3].down_proj.weight.grad is None or moe.experts[3].down_proj.weight.grad.abs().sum() == 0
+
+
+def test_dispatch_is_dense_for_decoding_and_looped_for_wrapped_experts():
+    moe = make_moe()
+    assert moe.dispatch_for(1) == moe.dispatch_for(DENSE_DISPATCH_MAX_TOKENS) == "dense"
+    assert moe.dispatch_for(4096) == "grouped"
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(
+        torch.nn.ModuleDict({"moe": moe}), peft.LoraConfig(r=2, target_modules=["gate_up_proj", "down_proj"])
+    )
+    assert wrapped.base_model.model["moe"].dispatch_for(4096) == "looped"
+
+
+def test_lora_wrapped_experts_still_match_the_definition():
+    peft = pytest.importorskip("peft")
+    moe = make_moe()
+    model = peft.get_peft_model(
+        torch.nn.ModuleDict({"moe": moe}), peft.LoraConfig(r=2, target_modules=["gate_up_proj", "down_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)  # LoRA starts at zero; make it change the outputs
+    wrapped = model.base_model.model["moe"]
+    x = torch.randn(1, DENSE_DISPATCH_MAX_TOKENS + 8, TINY["hidden_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x)[0], reference_moe(wrapped, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wrapped(x[:, :3])[0], reference_moe(wrapped, x[:, :3]), rtol=1e-5, atol=1e-5)

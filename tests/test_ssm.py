@@ -1,11 +1,16 @@
-"""The chunked SSD scan equals the plain recurrence, in one call or two; the in-place step equals the functional one."""
+"""The chunked SSD scan equals the plain recurrence, in one call or two; the in-place step equals the functional one;
+the mixer decoding token by token equals its full forward, outputs and gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
-from modeling_itera.ssm import segment_sum, ssd_chunked, ssd_sequential, ssd_step
+from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
+from modeling_itera.ssm import IteraLiteMixer, segment_sum, ssd_chunked, ssd_sequential, ssd_step
+
+from .conftest import TINY
 
 
 def random_inputs(b=2, l=7, h=3, p=4, n=5, dtype=torch.float64):
@@ -17,8 +22,7 @@ def random_inputs(b=2, l=7, h=3, p=4, n=5, dtype=torch.float64):
     return x, dt, A, B, C, state
 
 
-@pytest.mark.parametrize("length,chunk", [(1, 4), (7, 4), (64, 24), (100, 32), (300, 64)],
-                         ids=lambda v: str(v))  # fmt: skip
+@pytest.mark.parametrize("length,chunk", [(1, 4), (7, 4), (64, 24), (100, 32), (300, 64)], ids=lambda v: str(v))
 def test_chunked_scan_equals_sequential_reference(length, chunk):
     inputs = [t.requires_grad_() for t in random_inputs(l=length)]
     y_fast, final_fast = ssd_chunked(*inputs[:5], chunk, initial_state=inputs[5])
@@ -76,3 +80,43 @@ def test_in_place_step_equals_the_functional_step():
     torch.testing.assert_close(y_inplace, y)
     torch.testing.assert_close(held, new_state)  # the given tensor itself now holds the new state
     assert returned.data_ptr() == held.data_ptr()
+
+
+def mixer_in_float64() -> tuple[IteraLiteMixer, IteraLiteConfig]:
+    config = IteraLiteConfig(**TINY)
+    model = IteraLiteForCausalLM(config).double()  # post_init gives the mixer its real initialisation
+    return model.model.layers[0].mixer, config
+
+
+@pytest.mark.parametrize("prefill", [1, 3, 9], ids=["prefill-1", "prefill-3", "prefill-9"])
+def test_mixer_decoding_token_by_token_equals_its_full_forward_with_gradients(prefill):
+    """The decode path is the mixer's forward at length 1 (conv from the cached window, one `ssd_step`): with
+    autograd on (so the state is not updated in place), outputs and every gradient equal the full forward's."""
+    mixer, config = mixer_in_float64()
+    x = torch.randn(2, 14, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    full = mixer(x)
+    grads_full = torch.autograd.grad(full.pow(2).sum(), [x, *mixer.parameters()])
+
+    cache = DynamicCache(config=config)
+    parts = [mixer(x[:, :prefill], cache)]
+    for t in range(prefill, x.shape[1]):
+        parts.append(mixer(x[:, t : t + 1], cache))
+    stepped = torch.cat(parts, 1)
+    grads_stepped = torch.autograd.grad(stepped.pow(2).sum(), [x, *mixer.parameters()])
+    torch.testing.assert_close(stepped, full, rtol=1e-10, atol=1e-10)
+    for g_step, g_full in zip(grads_stepped, grads_full):
+        torch.testing.assert_close(g_step, g_full, rtol=1e-6, atol=1e-8)  # the chunked form sums in another order
+
+
+@torch.no_grad()
+def test_mixer_in_place_decode_step_equals_the_autograd_one():
+    mixer, config = mixer_in_float64()
+    x = torch.randn(2, 6, config.hidden_size, dtype=torch.float64)
+    caches = [DynamicCache(config=config), DynamicCache(config=config)]
+    for cache in caches:
+        mixer(x[:, :5], cache)
+    in_place = mixer(x[:, 5:], caches[0])
+    with torch.enable_grad():
+        functional = mixer(x[:, 5:], caches[1])
+    torch.testing.assert_close(in_place, functional)
+    torch.testing.assert_close(caches[0].get_recurrent_state(0), caches[1].get_recurrent_state(0))

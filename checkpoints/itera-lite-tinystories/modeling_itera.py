@@ -18,9 +18,11 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_itera import IteraLiteConfig
+from .generation import check_token_ids, prepare_compiled_generation, prompt_checked_once
 from .loading import describe_unloadable_weights
 from .moe import IteraLiteMLP, IteraLiteSparseMoE, load_balancing_loss
 from .ssm import IteraLiteMixer
@@ -88,6 +90,8 @@ class IteraLitePreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["IteraLiteBlock"]
     _is_stateful = True
+    # True, and tested: the decode step compiles into one graph (static-shape MoE, no host round trip).
+    _can_compile_fullgraph = True
     # The decay rates and skips are tiny vectors whose precision matters for long sequences (fp16 loads keep them fp32).
     # The router is kept too: its few logits pick discrete routes (Switch Transformer's "selective precision").
     _keep_in_fp32_modules = ["mixer.A_log", "mixer.D", "mixer.dt_bias", "feed_forward.router"]
@@ -118,8 +122,10 @@ class IteraLitePreTrainedModel(PreTrainedModel):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as err:  # safetensors' own error type derives from Exception only
             try:
-                expected = {k: tuple(v.shape) for k, v in cls._shape_model(pretrained_model_name_or_path, kwargs)
-                            .state_dict().items()}  # fmt: skip
+                expected = {
+                    k: tuple(v.shape)
+                    for k, v in cls._shape_model(pretrained_model_name_or_path, kwargs).state_dict().items()
+                }
             except Exception:
                 raise err from None
             problem = describe_unloadable_weights(pretrained_model_name_or_path, expected)
@@ -160,17 +166,13 @@ class IteraLiteModel(IteraLitePreTrainedModel):
         self.layers = nn.ModuleList(IteraLiteBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = IteraLiteRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Set by `generate` (which checks the prompt once): the decode steps' ids come from the LM head.
+        self.skip_token_range_check = False
         self.post_init()
 
-    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
-
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -196,7 +198,9 @@ class IteraLiteModel(IteraLitePreTrainedModel):
                 raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token")
-            self._check_input_ids(input_ids)
+            # Compiled code skips the range check: reading the range back is a host round trip and a graph break.
+            check_range = not (self.skip_token_range_check or torch.compiler.is_compiling())
+            check_token_ids(input_ids, self.config.vocab_size, check_range)
             inputs_embeds = self.embed_tokens(input_ids.long())  # the embedding takes int64 (or int32) only
         else:
             hidden = self.config.hidden_size
@@ -220,6 +224,9 @@ class IteraLiteModel(IteraLitePreTrainedModel):
             cache = DynamicCache(config=self.config)
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
 
         hidden_states = inputs_embeds
@@ -253,6 +260,8 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -285,6 +294,7 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_logits=need_router_logits,
+            return_dict=True,  # whatever config.return_dict says: the tuple is made once, at the end
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -313,8 +323,13 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         )
 
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """`GenerationMixin.generate`, with the prompt checked first: an empty prompt or a mask that does not
-        match it gets a ValueError that says so, instead of an IndexError deep inside generation."""
+        """`GenerationMixin.generate`, with two additions.
+
+        The prompt is checked once, first: an empty prompt, a mask that does not match it, or an id outside the
+        vocabulary gets a ValueError that says so (instead of an IndexError deep inside generation), and the decode
+        steps then skip the check. An explicit `compile_config` compiles the decode step on any device, CPU
+        included (see `generation.py`); with none, transformers' default applies.
+        """
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
             if ids.dim() != 2 or ids.shape[1] == 0:
@@ -322,7 +337,21 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
                 raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
-        return super().generate(inputs, *args, **kwargs)
+            check_token_ids(ids, self.config.vocab_size)
+        with prepare_compiled_generation(self, kwargs), prompt_checked_once(self):
+            return super().generate(inputs, *args, **kwargs)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
+        """transformers' inputs, with the attention mask cut to the columns of the new tokens: the mixer reads only
+        those, and a mask that grows by a column per step would change the compiled step's input shape each time."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        new_tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and new_tokens is not None:
+            inputs["attention_mask"] = mask[:, -new_tokens.shape[1] :].contiguous()  # fixed strides too
+        return inputs
 
     def router_aux_loss(
         self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None

@@ -1,8 +1,18 @@
 """Sparse Mixture-of-Experts feed-forward (Switch Transformer, Fedus et al. 2021; Mixtral, Jiang et al. 2024).
 
-Four stanzas: route (softmax in fp32, top-k, renormalise), dispatch (group the token slots by expert), experts
-(each a SwiGLU of `nn.Linear`s, run only on its own tokens), combine (weighted scatter-add). The load-balancing loss
-is a pure function of the router logits, so the model can add it to `loss`.
+Four stanzas: route (softmax in fp32, top-k, renormalise), dispatch, experts (each a SwiGLU of `nn.Linear`s),
+combine. The dispatch has three forms, all with the same result (tested in float64):
+
+- `dense`: every expert on every token, weighted by its routing weight (0 for the experts a token did not pick).
+  Static shapes and no host round trip: the decode step (a few tokens) uses it, compiled or not.
+- `grouped`: the (token, expert) slots sorted by expert and one grouped matmul per projection over the experts'
+  stacked weights (`torch._grouped_mm`, through transformers' dispatcher, which has a compilable fallback). Training
+  and prefill use it when the experts are plain float `nn.Linear`s.
+- `looped`: the same sorted slots, one expert call per expert. For experts that bitsandbytes quantized or PEFT
+  wrapped: the experts stay `nn.Linear` modules as the storage so that those libraries can replace them, and this
+  form calls whatever module is there.
+
+The load-balancing loss is a pure function of the router logits, so the model can add it to `loss`.
 """
 
 from __future__ import annotations
@@ -10,9 +20,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import _grouped_mm as grouped_mm
 
 from .configuration_itera import IteraLiteConfig
 from .ssm import as_input_of
+
+# Up to this many tokens in one call (decoding, up to a batch of this size), the dense form is used: its shapes are
+# static and it never waits on the host, so the decode step compiles into one graph. Eager on CPU it costs about
+# as much as sorting and gathering up to ~16 tokens and ~1.4x at 32 (top-2 of 4 experts, tiny preset:
+# `python -m benchmarks.moe_dispatch`); compiled, its elementwise work fuses away.
+DENSE_DISPATCH_MAX_TOKENS = 32
+# The dtypes of torch's grouped matmul kernel (float64, e.g. in the parity tests, takes the looped form).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class IteraLiteMLP(nn.Module):
@@ -57,6 +76,30 @@ def load_balancing_loss(
     return num_experts * (slot_share * mean_prob).sum()
 
 
+def skip_unrouted(experts: nn.ModuleList, gate: torch.Tensor):
+    """For the dense form: one function per expert, `(out, tokens) -> out + expert(tokens) * gate[:, e]`, that skips
+    the expert when no token picked it. Decoding reads the weights, so skipping the unpicked experts (half of them
+    at batch 1, top-2 of 4) saves their bytes. How it skips, without ever waiting on an accelerator:
+    compiled, `torch.cond` (a branch inside the graph); eager on CPU, a Python `if` on the (CPU) gate; eager on an
+    accelerator, it does not skip (the `if` would be a host round trip)."""
+    routed = gate.ne(0).any(dim=0)  # (e,)
+    compiling = torch.compiler.is_compiling()
+    routed_list = routed.tolist() if not compiling and gate.device.type == "cpu" else [True] * len(experts)
+
+    def apply(e: int):
+        def add_expert(out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            return out + experts[e](tokens) * gate[:, e, None]
+
+        def keep(out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            return out.clone()  # torch.cond's branches may not return an input as it is
+
+        if compiling:
+            return lambda out, tokens: torch.cond(routed[e], add_expert, keep, (out, tokens))
+        return add_expert if routed_list[e] else lambda out, tokens: out
+
+    return [apply(e) for e in range(len(experts))]
+
+
 class IteraLiteSparseMoE(nn.Module):
     """Router + experts. `tokens_per_expert` counts, since construction or the last `reset_usage()`, how many token
     slots each expert has served: the expert usage that a user can inspect. (Under activation checkpointing the
@@ -74,39 +117,63 @@ class IteraLiteSparseMoE(nn.Module):
     def reset_usage(self) -> None:
         self.tokens_per_expert.zero_()
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, l, d) -> output (b, l, d) and router logits (b*l, e)."""
+    def experts_are_plain_linears(self) -> bool:
+        """True when every expert projection is an unwrapped `nn.Linear` (not quantized, not LoRA-wrapped) in a dtype
+        that the grouped matmul takes, so that their weights can be stacked for the grouped dispatch."""
+        return all(
+            type(proj) is nn.Linear and proj.weight.dtype in GROUPED_MM_DTYPES
+            for expert in self.experts
+            for proj in (expert.gate_up_proj, expert.down_proj)
+        )
+
+    def dispatch_for(self, num_tokens: int) -> str:
+        """The dispatch form for a call over `num_tokens` tokens (see the module docstring)."""
+        if num_tokens <= DENSE_DISPATCH_MAX_TOKENS:
+            return "dense"
+        return "grouped" if self.experts_are_plain_linears() else "looped"
+
+    def forward(self, hidden_states: torch.Tensor, dispatch: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, l, d) -> output (b, l, d) and router logits (b*l, e). `dispatch` forces a form (tests)."""
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # (t, d)
 
         # Route.
         router_logits = self.router(as_input_of(self.router, tokens))  # (t, e), fp32 if the router was kept so
         weights, experts = route(router_logits, self.top_k)
+        with torch.no_grad():  # a one-hot sum, not bincount: its shape is static, so it compiles
+            self.tokens_per_expert += F.one_hot(experts, self.num_experts).sum((0, 1))
 
-        if tokens.shape[0] == 1:  # one token (batch-1 decoding): run its k experts directly, nothing to sort
-            with torch.no_grad():
-                self.tokens_per_expert[experts[0]] += 1
-            out = 0
-            for slot, e in enumerate(experts[0].tolist()):
-                out = out + self.experts[e](tokens) * weights[:, slot : slot + 1].to(tokens.dtype)
+        dispatch = dispatch or self.dispatch_for(tokens.shape[0])
+        if dispatch == "dense":
+            # (t, e) routing weights with zeros for the experts not picked; then a fixed loop over the experts.
+            gate = torch.zeros_like(router_logits, dtype=weights.dtype).scatter(1, experts, weights).to(tokens.dtype)
+            out = torch.zeros_like(tokens)
+            for add_expert in skip_unrouted(self.experts, gate):
+                out = add_expert(out, tokens)
             return out.reshape(shape), router_logits
 
         # Dispatch: sort the t*k (token, expert) slots by expert, so each expert reads one contiguous slice.
         slot_expert = experts.reshape(-1)
         order = slot_expert.argsort(stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.num_experts)
-        with torch.no_grad():
-            self.tokens_per_expert += counts
         slot_token = order // self.top_k
         slot_weight = weights.reshape(-1)[order, None].to(tokens.dtype)
+        slot_input = tokens[slot_token]  # (t*k, d)
 
-        # Experts, each on its own tokens only; combine by weighted scatter-add.
-        out = torch.zeros_like(tokens)
-        start = 0
-        for expert, n in zip(self.experts, counts.tolist()):
-            if n == 0:
-                continue
-            idx = slot_token[start : start + n]
-            out.index_add_(0, idx, expert(tokens[idx]) * slot_weight[start : start + n])
-            start += n
+        # Experts, each on its own slots.
+        if dispatch == "grouped":
+            # histc, not bincount: a static shape (and no host round trip) for the offsets of the grouped matmul
+            counts = torch.histc(slot_expert.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate_up = torch.stack([e.gate_up_proj.weight for e in self.experts]).transpose(1, 2)  # (e, d, 2i)
+            down = torch.stack([e.down_proj.weight for e in self.experts]).transpose(1, 2)  # (e, i, d)
+            gate, up = grouped_mm(slot_input, gate_up, offsets).chunk(2, dim=-1)
+            slot_output = grouped_mm(F.silu(gate) * up, down, offsets)
+        elif dispatch == "looped":
+            counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()
+            slot_output = torch.cat([expert(part) for expert, part in zip(self.experts, slot_input.split(counts))])
+        else:
+            raise ValueError(f"dispatch must be 'dense', 'grouped' or 'looped', got {dispatch!r}")
+
+        # Combine: weighted scatter-add back to the tokens.
+        out = torch.zeros_like(tokens).index_add_(0, slot_token, slot_output * slot_weight)
         return out.reshape(shape), router_logits

@@ -1,0 +1,84 @@
+"""How Itera-Lite generates: token-id checks that cost nothing per step, and a compiled decode step on any device.
+
+`generate` in transformers compiles the decode step's forward only on accelerators and only with a cache whose type
+is not exactly `DynamicCache`. A recurrent model is where a compiled step pays most on a CPU too (its step is a few
+hundred small ops, bound by per-op overhead, not FLOPs), so an explicit `compile_config` here means "compile", on
+the CPU as well: the model then generates with transformers' `StaticCache` (the same fixed-size recurrent layers)
+and Inductor's C++ wrapper, which removes the Python launcher of every kernel. Without a `compile_config`,
+behaviour is transformers' default. Where no C++ compiler exists, it warns once and runs eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TOKEN_ID_DTYPES = (torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, check_range: bool = True) -> None:
+    """A clear ValueError for ids that the embedding cannot take. The range check reads two numbers back from the
+    device: `generate` runs it once on the prompt, and the decode steps (whose ids come from the LM head) skip it."""
+    if input_ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if not check_range:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={vocab_size})")
+
+
+def have_cpp_compiler() -> bool:
+    """Whether Inductor can build CPU kernels here: it needs a C++ compiler ($CXX, or g++ / clang++ / c++)."""
+    from torch._inductor import config as inductor_config
+
+    candidates = [inductor_config.cpp.cxx[0]] if inductor_config.cpp.cxx and inductor_config.cpp.cxx[0] else []
+    candidates += ["g++", "clang++", "c++"]
+    return any(shutil.which(c) for c in candidates if c)
+
+
+@contextlib.contextmanager
+def prompt_checked_once(model):
+    """Inside: the model's forward skips the per-step token-id range check (the prompt was checked already)."""
+    previous = model.model.skip_token_range_check
+    model.model.skip_token_range_check = True
+    try:
+        yield
+    finally:
+        model.model.skip_token_range_check = previous
+
+
+def prepare_compiled_generation(model, kwargs: dict) -> contextlib.AbstractContextManager:
+    """Turns an explicit `compile_config` into a compiled decode step on this device; edits `kwargs` of `generate`.
+
+    Returns the context in which `generate` must run (Inductor's C++ wrapper on CPU, or nothing).
+    """
+    generation_config = kwargs.get("generation_config") or model.generation_config
+    compile_config = kwargs.get("compile_config", getattr(generation_config, "compile_config", None))
+    if compile_config is None or kwargs.get("disable_compile", generation_config.disable_compile):
+        return contextlib.nullcontext()
+    on_cpu = model.device.type == "cpu"
+    if on_cpu and not have_cpp_compiler():
+        logger.warning_once(
+            "compile_config was given, but no C++ compiler (g++, clang++ or $CXX) was found, which torch.compile needs "
+            "on CPU: generating without compilation (eager)."
+        )
+        kwargs["disable_compile"] = True
+        return contextlib.nullcontext()
+    compile_config = type(compile_config)(**compile_config.to_dict())  # the user's object stays as it was
+    compile_config._compile_all_devices = True
+    kwargs["compile_config"] = compile_config
+    if kwargs.get("cache") is None and kwargs.get("cache_implementation") is None:
+        # DynamicCache is never compiled by generate (by type); StaticCache holds the same fixed-size layers.
+        kwargs["cache_implementation"] = "static"
+    if on_cpu:
+        from torch._inductor import config as inductor_config
+
+        return inductor_config.patch(cpp_wrapper=True)
+    return contextlib.nullcontext()
