@@ -76,7 +76,7 @@ def test_load_balancing_loss_ignores_masked_tokens():
 def test_aux_loss_is_finite_and_reaches_loss(tiny_config):
     model = IteraLiteForCausalLM(tiny_config)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 10))
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, return_logits=True)
     assert torch.isfinite(out.aux_loss)
     ce = model.loss_function(out.logits, ids, tiny_config.vocab_size)
     torch.testing.assert_close(out.loss, ce + tiny_config.router_aux_loss_coef * out.aux_loss)
@@ -91,7 +91,9 @@ def test_aux_loss_under_gradient_accumulation_adds_up_to_one_mean(tiny_config):
     labels = ids.clone()
     labels[2:, :3] = -100  # unequal token counts per micro-batch
     total = (labels[..., 1:] != -100).sum()
-    parts = [model(ids[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=total) for i in (0, 2)]
+    parts = [
+        model(ids[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=total, return_logits=True) for i in (0, 2)
+    ]
     aux_expected = sum(p.aux_loss * (labels[i : i + 2, 1:] != -100).sum() / total for p, i in zip(parts, (0, 2)))
     ce_sum = sum(
         model.loss_function(p.logits, labels[i : i + 2], 99, num_items_in_batch=total) for p, i in zip(parts, (0, 2))

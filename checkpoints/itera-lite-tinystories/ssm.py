@@ -236,7 +236,8 @@ class IteraLiteMixer(nn.Module):
         x = x.float().view(b, l, self.num_heads, self.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
-        y = self.scan(x, dt, A, B.float(), C.float(), cache)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the scan's matmuls in bf16
+            y = self.scan(x, dt, A, B.float(), C.float(), cache)
         y = y + x * self.D.float()[:, None]  # skip connection, per head
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
         return self.out_proj(y)
