@@ -1,54 +1,111 @@
 """Generation speed of Itera-Lite against Llama and Mamba-2 of the same width, depth and vocabulary, in one process.
 
-    python -m benchmarks.decode            # full run, writes benchmarks/results/decode.json and decode.png
+    python -m benchmarks.decode            # full run (~15 min on 2 cores): benchmarks/results/decode.json + decode.png
     python -m benchmarks.decode --quick    # a few tokens each, to check that it runs
 
-Measures: batch-1 greedy `generate` tokens/s (256 new tokens after a 16-token prompt); the same for Itera-Lite
-without its cache (it then re-runs the whole prefix for every token, as the original Itera-Lite code did); decode
-tokens/s at several context lengths (after a prefill of that length) and the cache's bytes per sequence there;
-batch-32 against batch-1 aggregate tokens/s; prefill tokens/s of a 2048-token prompt.
+Every model runs eager and compiled. Compiled means what a transformers user writes: `generate(...,
+compile_config=CompileConfig(fullgraph=True))`; peers also get `cache_implementation="static"` (their KV cache must
+be static to compile), and all of them the Inductor settings that Itera-Lite uses by itself on CPU.
+
+Measures: greedy `generate` tokens/s at batch 1/8/32 (256/128/64 new tokens after a 16-token prompt); decode
+tokens/s at several context lengths and the cache's bytes per sequence there (Llama's KV cache is filled with random
+keys and values of that length, which costs what a real one does and needs no quadratic prefill); Itera-Lite in
+bf16 and bitsandbytes nf4/int8; a 2048-token prefill; Itera-Lite without its cache (the original code's way); and
+the compile time, cold and with Inductor's on-disk cache warm (two fresh processes sharing one cache folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+from transformers import CompileConfig, DynamicCache
 
 from benchmarks.peers import build, machine, parameters, save, timed
+from modeling_itera.generation import compiled_decode_step, inductor_cpu_settings
 from modeling_itera.modeling_itera import cache_nbytes
 
 MODELS = ["itera-lite", "llama", "mamba2"]
+SETTINGS = ["eager", "compiled"]
+PROMPT = 16
 
 
-def generate_tps(model, batch: int, prompt_len: int, new_tokens: int, use_cache: bool = True, repeats: int = 2):
-    vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (batch, prompt_len))
+def compile_kwargs(model) -> dict:
+    """The generate() arguments that compile the decode step on this device, for any of the models."""
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    kwargs = {"compile_config": config}
+    if not model.config.model_type.startswith("itera"):
+        kwargs["cache_implementation"] = "static"  # Itera-Lite picks it itself when given a compile_config
+    return kwargs
+
+
+def generate_call(model, batch: int, new_tokens: int, setting: str, use_cache: bool = True):
+    prompt = torch.randint(3, model.config.vocab_size, (batch, PROMPT))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache)
-    with torch.no_grad():
-        seconds = timed(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs), repeats)
-    return batch * new_tokens / seconds
+    if setting == "compiled":
+        kwargs.update(compile_kwargs(model))
+    # peers get Itera-Lite's own Inductor settings for CPU (it applies them itself: a second patch changes nothing)
+    wrapper = inductor_cpu_settings() if setting == "compiled" else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def run():
+        with wrapper:
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+
+    return run
+
+
+def generate_tps(model, batch: int, new_tokens: int, setting: str = "eager", repeats: int = 2, **kw) -> dict:
+    run = generate_call(model, batch, new_tokens, setting, **kw)
+    start = time.perf_counter()
+    run()  # the first call compiles (compiled setting); timed() warms up once more
+    first = time.perf_counter() - start
+    seconds = timed(run, repeats)
+    return {"tokens_per_s": batch * new_tokens / seconds, "first_call_s": first, "steady_call_s": seconds}
+
+
+def fill_kv_cache(model, context: int) -> DynamicCache:
+    """A Llama KV cache holding `context` random positions: decoding after it costs what it would after a prompt."""
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for layer in range(cfg.num_hidden_layers):
+        k, v = (torch.randn(1, cfg.num_key_value_heads, context, head_dim) for _ in range(2))
+        cache.update(k, v, layer)
+    return cache
 
 
 @torch.no_grad()
-def decode_at_context(model, context: int, new_tokens: int) -> tuple[float, int]:
-    """Greedy decode tokens/s after a prefill of `context` tokens, and the cache's bytes at that point."""
-    prompt = torch.randint(3, model.config.vocab_size, (1, context))
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+def decode_at_context(model, context: int, new_tokens: int, setting: str) -> dict:
+    """Decode tokens/s after `context` tokens, and the cache's bytes per sequence at that point."""
+    if model.config.model_type == "llama":
+        cache = fill_kv_cache(model, context)
+        token = torch.randint(3, model.config.vocab_size, (1, 1))
+    else:
+        prompt = torch.randint(3, model.config.vocab_size, (1, context))
+        out = model(prompt, use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     nbytes = cache_nbytes(cache)
+    step = compiled_decode_step(model) if setting == "compiled" else model
 
-    def run():
+    def run(n):
         nonlocal cache, token
-        for _ in range(new_tokens):
-            out = model(token, cache=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(n):
+            out = step(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)
 
-    run()  # warm-up (an attention cache grows by new_tokens here: negligible next to `context`)
-    t0 = time.perf_counter()
-    run()
-    return new_tokens / (time.perf_counter() - t0), nbytes
+    run(4)  # warm-up and compilation (an attention cache grows by a few tokens here: negligible)
+    start = time.perf_counter()
+    run(new_tokens)
+    return {"tokens_per_s": new_tokens / (time.perf_counter() - start), "cache_bytes": nbytes}
 
 
 @torch.no_grad()
@@ -57,67 +114,146 @@ def prefill_tps(model, length: int, repeats: int = 2) -> float:
     return length / timed(lambda: model(prompt, use_cache=True, logits_to_keep=1), repeats)
 
 
+def quantized_rows(new_tokens: int) -> dict:
+    """Itera-Lite in bf16 (eager and compiled) and bitsandbytes nf4 / int8 (eager: transformers does not compile
+    bitsandbytes models), batch 1."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from modeling_itera.defaults import nf4_config
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        build("itera-lite").save_pretrained(folder)
+        variants = {
+            "bf16": dict(dtype=torch.bfloat16),
+            "nf4": dict(quantization_config=nf4_config()),
+            "int8": dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True)),
+        }
+        for name, load in variants.items():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(folder, **load).eval()
+                for setting in ["eager", "compiled"] if name == "bf16" else ["eager"]:
+                    rows[f"{name}/{setting}"] = generate_tps(model, 1, new_tokens, setting, repeats=1)
+            except Exception as err:  # a missing bitsandbytes backend must not sink the whole benchmark
+                rows[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            print(name, rows.get(f"{name}/eager", rows.get(name)), flush=True)
+    return rows
+
+
+def compile_seconds(new_tokens: int) -> dict:
+    """Seconds the first compiled generate takes beyond a steady one, in a fresh process: cold (empty Inductor cache),
+    then warm (a second fresh process on the same cache folder)."""
+    result = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+        code = (
+            "import json, torch; from benchmarks.decode import generate_tps; from benchmarks.peers import build; "
+            "torch.manual_seed(0); "
+            f"r = generate_tps(build('itera-lite'), 1, {new_tokens}, 'compiled', repeats=1); "
+            "print(json.dumps(r['first_call_s'] - r['steady_call_s']))"
+        )
+        for kind in ("cold", "warm"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            result[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 1024, 8192, 32768])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     args = parser.parse_args(argv)
-    new_tokens, contexts, prefill_len, batch = (256, args.contexts, 2048, 32)
+    new_tokens = {1: 256, 8: 128, 32: 64}
+    context_tokens, prefill_len, contexts, batches = 64, 2048, args.contexts, args.batches
     if args.quick:
-        new_tokens, contexts, prefill_len, batch = (4, [16, 64], 64, 4)
+        new_tokens, context_tokens, prefill_len, contexts, batches = {}, 4, 64, [16, 64], [1, 2]
     torch.manual_seed(0)
-    models = {name: build(name, args.preset) for name in MODELS}
-    result = {"machine": machine(), "preset": args.preset, "new_tokens": new_tokens, "models": {}}
-    for name, model in models.items():
-        row = {"parameters": parameters(model)}
-        row["decode_tps_batch1"] = generate_tps(model, 1, 16, new_tokens)
-        if name != "mamba2":  # the context table compares the recurrent cache with Llama's growing KV cache
-            row["decode_by_context"] = {}
-            for context in contexts:
-                tps, nbytes = decode_at_context(model, context, min(64, new_tokens))
-                row["decode_by_context"][context] = {"tokens_per_s": tps, "cache_bytes": nbytes}
-        row[f"decode_tps_batch{batch}"] = generate_tps(model, batch, 16, max(4, new_tokens // 4), repeats=1)
+    result = {"machine": machine(), "preset": args.preset, "prompt": PROMPT, "models": {}}
+    for name in args.models:
+        model = build(name, args.preset)
+        row = {"parameters": parameters(model), "generate": {}, "decode_by_context": {}}
+        for setting in SETTINGS:
+            if args.quick and setting == "compiled" and name != "itera-lite":
+                continue  # the smoke run compiles only Itera-Lite (each compile costs ~10 s here)
+            torch._dynamo.reset()
+            for batch in batches:
+                tokens = new_tokens.get(batch, 4)
+                try:
+                    row["generate"][f"{setting}/batch{batch}"] = generate_tps(model, batch, tokens, setting)
+                except Exception as err:  # e.g. a peer whose decode step does not compile
+                    row["generate"][f"{setting}/batch{batch}"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                print(name, setting, batch, row["generate"][f"{setting}/batch{batch}"], flush=True)
+            if name != "mamba2":  # the context table compares the recurrent state with Llama's growing KV cache
+                torch._dynamo.reset()
+                for context in contexts:
+                    cell = decode_at_context(model, context, context_tokens, setting)
+                    row["decode_by_context"][f"{setting}/{context}"] = cell
+                    print(name, setting, "context", context, cell, flush=True)
         row["prefill_tps"] = prefill_tps(model, prefill_len)
+        if name == "itera-lite":
+            row["no_cache"] = generate_tps(model, 1, min(64, new_tokens.get(1, 4)), use_cache=False, repeats=1)
         result["models"][name] = row
-        print(name, {k: v for k, v in row.items() if k != "decode_by_context"}, flush=True)
-    itera = models["itera-lite"]
-    result["itera_no_cache_tps"] = generate_tps(itera, 1, 16, min(new_tokens, 64), use_cache=False, repeats=1)
-    summarize(result, batch)
+    if "itera-lite" in args.models and not args.quick:
+        result["itera_dtypes"] = quantized_rows(64)
+        result["compile_seconds"] = compile_seconds(32)
+    summarize(result)
     if not args.quick:
         save("decode", result)
         plot(result)
     return result
 
 
-def summarize(result: dict, batch: int) -> None:
+def tps(row: dict, key: str) -> float:
+    cell = row["generate"].get(key, {})
+    return cell.get("tokens_per_s", float("nan"))
+
+
+def summarize(result: dict) -> None:
     rows = result["models"]
-    it, ll, m2 = rows["itera-lite"], rows["llama"], rows["mamba2"]
-    contexts = sorted(it["decode_by_context"], key=int)
-    lo, hi = contexts[0], contexts[-1]
-    result["ratios"] = {
-        "decode_vs_llama": it["decode_tps_batch1"] / ll["decode_tps_batch1"],
-        "decode_vs_mamba2": it["decode_tps_batch1"] / m2["decode_tps_batch1"],
-        "decode_vs_no_cache": it["decode_tps_batch1"] / result["itera_no_cache_tps"],
-        f"context_{hi}_vs_{lo}": it["decode_by_context"][hi]["tokens_per_s"]
-        / it["decode_by_context"][lo]["tokens_per_s"],
-        f"batch{batch}_vs_batch1": it[f"decode_tps_batch{batch}"] / it["decode_tps_batch1"],
-        "prefill_vs_llama": it["prefill_tps"] / ll["prefill_tps"],
-    }
-    print(f"\n| model | params | decode tok/s (b=1) | decode tok/s (b={batch}) | prefill tok/s |")
-    print("|---|---:|---:|---:|---:|")
+    batches = sorted({int(k.split("batch")[1]) for row in rows.values() for k in row["generate"]})
+    print("\n| model | params | setting | " + " | ".join(f"tok/s b={b}" for b in batches) + " | prefill tok/s |")
+    print("|---|---:|---|" + "---:|" * (len(batches) + 1))
     for name, row in rows.items():
-        print(
-            f"| {name} | {row['parameters'] / 1e6:.2f}M | {row['decode_tps_batch1']:.0f} | "
-            f"{row[f'decode_tps_batch{batch}']:.0f} | {row['prefill_tps']:.0f} |"
-        )
-    print("\n| context | itera-lite tok/s | itera-lite cache bytes/seq | llama tok/s | llama cache bytes/seq |")
-    print("|---:|---:|---:|---:|---:|")
+        for setting in SETTINGS:
+            cells = " | ".join(f"{tps(row, f'{setting}/batch{b}'):.0f}" for b in batches)
+            prefill = f"{row['prefill_tps']:.0f}" if setting == "eager" else ""
+            print(f"| {name} | {row['parameters'] / 1e6:.2f}M | {setting} | {cells} | {prefill} |")
+    if "itera-lite" not in rows or "llama" not in rows:
+        return
+    it, ll = rows["itera-lite"], rows["llama"]
+    contexts = sorted({int(k.split("/")[1]) for k in it["decode_by_context"]})
+    header = "| context | itera eager | itera compiled | itera state B | llama eager | llama compiled | llama KV B |"
+    print("\n" + header)
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    nan = {"tokens_per_s": float("nan")}
     for c in contexts:
-        a, b = it["decode_by_context"][c], ll["decode_by_context"][c]
+        a, b = it["decode_by_context"], ll["decode_by_context"]
         print(
-            f"| {c} | {a['tokens_per_s']:.0f} | {a['cache_bytes']:,} | {b['tokens_per_s']:.0f} | {b['cache_bytes']:,} |"
+            f"| {c} | {a[f'eager/{c}']['tokens_per_s']:.0f} | {a.get(f'compiled/{c}', nan)['tokens_per_s']:.0f} | "
+            f"{a[f'eager/{c}']['cache_bytes']:,} | {b[f'eager/{c}']['tokens_per_s']:.0f} | "
+            f"{b.get(f'compiled/{c}', nan)['tokens_per_s']:.0f} | {b[f'eager/{c}']['cache_bytes']:,} |"
         )
+    b_lo, b_hi = batches[0], batches[-1]
+    ctx = next((c for c in (8192, contexts[-1]) if c in contexts), contexts[-1])
+    result["ratios"] = {
+        "compiled_vs_llama_eager_b1": tps(it, f"compiled/batch{b_lo}") / tps(ll, f"eager/batch{b_lo}"),
+        "compiled_vs_llama_compiled_b1": tps(it, f"compiled/batch{b_lo}") / tps(ll, f"compiled/batch{b_lo}"),
+        "eager_vs_llama_eager_b1": tps(it, f"eager/batch{b_lo}") / tps(ll, f"eager/batch{b_lo}"),
+        "compiled_vs_eager_b1": tps(it, f"compiled/batch{b_lo}") / tps(it, f"eager/batch{b_lo}"),
+        f"compiled_b{b_hi}_vs_b{b_lo}": tps(it, f"compiled/batch{b_hi}") / tps(it, f"compiled/batch{b_lo}"),
+        f"compiled_b{b_hi}_vs_llama_best_b{b_hi}": tps(it, f"compiled/batch{b_hi}")
+        / max(tps(ll, f"eager/batch{b_hi}"), tps(ll, f"compiled/batch{b_hi}")),
+        f"context_{ctx}_compiled_vs_llama_eager": it["decode_by_context"][f"compiled/{ctx}"]["tokens_per_s"]
+        / ll["decode_by_context"][f"eager/{ctx}"]["tokens_per_s"],
+        "prefill_vs_llama": it["prefill_tps"] / ll["prefill_tps"],
+        "cache_vs_no_cache_b1": tps(it, f"eager/batch{b_lo}") / it["no_cache"]["tokens_per_s"],
+    }
+    if "itera_dtypes" in result and "bf16/compiled" in result["itera_dtypes"]:
+        bf16 = result["itera_dtypes"]["bf16/compiled"]["tokens_per_s"]
+        result["ratios"]["bf16_compiled_vs_fp32_compiled_b1"] = bf16 / tps(it, f"compiled/batch{b_lo}")
     print("\nratios:", {k: round(v, 2) for k, v in result["ratios"].items()})
 
 
@@ -129,17 +265,27 @@ def plot(result: dict) -> None:
 
     from benchmarks.peers import RESULTS
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(result["models"])
+    for i, setting in enumerate(SETTINGS):
+        values = [tps(result["models"][n], f"{setting}/batch1") for n in names]
+        bars.bar([j + 0.4 * i for j in range(len(names))], values, width=0.4, label=setting)
+    bars.set_xticks([j + 0.2 for j in range(len(names))], names)
+    bars.set_ylabel("greedy generate tokens/s (batch 1)")
+    bars.set_title("Batch 1, eager vs compiled")
+    bars.legend()
     for name, row in result["models"].items():
-        if "decode_by_context" in row:
-            xs = sorted(row["decode_by_context"], key=int)
-            ax.plot([int(x) for x in xs], [row["decode_by_context"][x]["tokens_per_s"] for x in xs], "o-", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens already in the sequence)")
-    ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title(f"Decode speed against context, {result['preset']} size, CPU")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        for setting, style in (("eager", "o--"), ("compiled", "o-")):
+            cells = {int(k.split("/")[1]): v for k, v in row["decode_by_context"].items() if k.startswith(setting)}
+            if cells:
+                xs = sorted(cells)
+                curve.plot(xs, [cells[x]["tokens_per_s"] for x in xs], style, label=f"{name} {setting}")
+    curve.set_xscale("log", base=2)
+    curve.set_xlabel("context length (tokens already in the sequence)")
+    curve.set_ylabel("decode tokens/s (batch 1)")
+    curve.set_title(f"Decode speed against context, {result['preset']} size, CPU")
+    curve.grid(alpha=0.3)
+    curve.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "decode.png", dpi=110)
     plt.close(fig)

@@ -14,9 +14,11 @@ import sys
 import torch
 import uvicorn
 
+from modeling_itera.defaults import DTYPES, default_model
+
 from .app import create_app
 from .engine import Limits
-from .model import BUNDLED_MODEL, DTYPES, load
+from .model import load
 
 GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
 
@@ -34,7 +36,11 @@ def positive(kind):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="model folder or Hub id (default: bundled)")
+    parser.add_argument(
+        "--model",
+        default=default_model(),
+        help="model folder or Hub id (default: the bundled folder in a clone, else the Hub)",
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 halves memory on CPU too")
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights (CPU: AVX512-BF16)")
     parser.add_argument("--trust-remote-code", action="store_true", help="for Hub repositories with remote code")
@@ -72,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default: torch's choice); 1 on a busy CPU",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the batched decode step (torch.compile; ~20-40 s at the first request of each batch size)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout=args.request_timeout,
     )
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
-    app = create_app(model, tokenizer, limits, model_name=name)
+    app = create_app(model, tokenizer, limits, model_name=name, compile=args.compile)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )

@@ -74,9 +74,10 @@ async def read_json(request: Request):
         raise BadRequest(f"the request body is not valid JSON: {err}") from None
 
 
-def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite") -> FastAPI:
-    """The web app around a new engine for `model`; the engine thread starts and stops with the app."""
-    engine = Engine(model, tokenizer, limits)
+def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite", compile: bool = False) -> FastAPI:
+    """The web app around a new engine for `model`; the engine thread starts and stops with the app.
+    `compile` runs the engine's batched decode step compiled."""
+    engine = Engine(model, tokenizer, limits, compile=compile)
     metrics = engine.metrics
     metrics.gauges = {
         "itera_queued_requests": ("Requests waiting for batch slots.", lambda: engine.queued),

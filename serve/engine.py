@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from modeling_itera.generation import compiled_decode_step
+
 from .metrics import Metrics
 from .sampling import SamplingParams, next_tokens
 from .text import TextStream
@@ -140,12 +142,14 @@ class Engine:
         model: an Itera-Lite causal LM in eval mode (any model whose cache layers are all recurrent).
         tokenizer: decodes generated ids; the engine keeps its own copy, used from its thread only.
         limits: batch slots, queue size and request timeout (lengths are checked by the web app).
+        compile: run the batched decode step compiled (`torch.compile`, one graph); prefill stays eager.
     """
 
-    def __init__(self, model, tokenizer, limits: Limits, metrics: Metrics | None = None):
+    def __init__(self, model, tokenizer, limits: Limits, metrics: Metrics | None = None, compile: bool = False):
         if not all(DynamicCache(config=model.config).is_linear):
             raise ValueError("the engine batches fixed-size recurrent states: every cache layer must be linear")
         self.model, self.limits = model, limits
+        self._step = compiled_decode_step(model) if compile else model
         self.tokenizer = copy.deepcopy(tokenizer)
         self.metrics = metrics or Metrics()
         eos = model.generation_config.eos_token_id
@@ -283,7 +287,7 @@ class Engine:
     def _decode_step(self) -> None:
         """One token for every active sequence, in one forward of the whole batch."""
         tokens = torch.tensor([[seq.last] for seq in self._active], device=self.device)  # (b, 1)
-        out = self.model(tokens, cache=self._cache, use_cache=True, logits_to_keep=1)
+        out = self._step(input_ids=tokens, cache=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = out.cache
         self.metrics.decode_step(len(self._active))
         chosen = next_tokens(

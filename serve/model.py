@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_itera  # noqa: F401  (registers the Auto classes, so no remote code is needed for local folders)
+from modeling_itera.defaults import BUNDLED_MODEL, DTYPES, nf4_config
 
 logger = logging.getLogger(__name__)
-
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "itera-lite-tinystories"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(model: str | Path, dtype: str = "float32", load_in_4bit: bool = False, trust_remote_code: bool = False):
@@ -26,9 +23,7 @@ def load(model: str | Path, dtype: str = "float32", load_in_4bit: bool = False, 
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if load_in_4bit:
         # The model itself declares the layers that stay unquantized (modules_kept_out_of_quantization).
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
+        kwargs["quantization_config"] = nf4_config()
     tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=trust_remote_code)
     lm = AutoModelForCausalLM.from_pretrained(str(model), **kwargs).eval()
     logger.info("loaded %s (%s%s)", model, dtype, ", 4-bit" if load_in_4bit else "")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig
+from transformers import CompileConfig, DynamicCache
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-from modeling_itera import generation
+from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM, generation
 
 from .conftest import TINY
 
@@ -27,23 +27,53 @@ def left_padded_batch(lengths=(7, 3, 5)):
     return ids, mask
 
 
+@pytest.fixture
+def sharp_model() -> IteraLiteForCausalLM:
+    """Large random weights: logits that depend strongly on the state, so a wrong state update shows at once (with
+    the default init a random model's next token hardly depends on its context)."""
+    return IteraLiteForCausalLM(IteraLiteConfig(**{**TINY, "initializer_range": 0.5})).eval()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("batch", ["batch-1", "left-padded-batch"])
-def test_compiled_generation_is_one_graph_without_recompiles_and_gives_eager_tokens(tiny_model, batch):
+def test_compiled_generation_is_one_graph_without_recompiles_and_equals_eager(sharp_model, batch):
     if batch == "batch-1":
         ids = torch.randint(3, TINY["vocab_size"], (1, 16))
         mask = torch.ones_like(ids)
     else:
         ids, mask = left_padded_batch()
-    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    eager = tiny_model.generate(ids, **kwargs)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    eager = sharp_model.generate(ids, **kwargs)
     torch._dynamo.reset()
     counters.clear()
-    compiled = tiny_model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kwargs)
+    compiled = sharp_model.generate(ids, compile_config=CompileConfig(fullgraph=True), **kwargs)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once, for all 255 steps
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert not counters["recompiles"], dict(counters["recompiles"])
-    assert compiled.tolist() == eager.tolist()
+    assert compiled.sequences.tolist() == eager.sequences.tolist()
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_compiled_decode_step_of_a_serving_loop_equals_eager(sharp_model):
+    ids = torch.randint(3, TINY["vocab_size"], (3, 6))
+    steps = {}
+    for name, step in (("eager", sharp_model), ("compiled", generation.compiled_decode_step(sharp_model))):
+        cache = DynamicCache(config=sharp_model.config)
+        token = sharp_model(ids, cache=cache).logits[:, -1:].argmax(-1)
+        logits = []
+        for _ in range(20):
+            logits.append(step(input_ids=token, cache=cache, use_cache=True).logits[:, -1])
+            token = logits[-1].argmax(-1, keepdim=True)
+        steps[name] = torch.stack(logits)
+    torch.testing.assert_close(steps["compiled"], steps["eager"], rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

@@ -70,9 +70,9 @@ class Server:
         self.thread.join(10)
 
 
-def start(model_dir, **limits):
+def start(model_dir, compile: bool = False, **limits):
     model, tokenizer = load(model_dir)
-    return Server(create_app(model, tokenizer, Limits(**limits), model_name="tiny"))
+    return Server(create_app(model, tokenizer, Limits(**limits), model_name="tiny", compile=compile))
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,15 @@ def test_concurrent_greedy_requests_equal_the_same_prompts_run_alone(url):
     assert batched == alone
     steps, ones = batch_steps(url)
     assert steps - steps_before > ones - ones_before, "no decode step ran more than one sequence"
+
+
+def test_the_compiled_decode_step_serves_the_same_greedy_text_alone_and_batched(url, model_dir):
+    alone = [greedy(url, p) for p in PROMPTS]  # the eager server
+    limits = dict(max_batch_size=8, max_prompt_tokens=32, max_new_tokens=48, queue_size=16, request_timeout=120)
+    with start(model_dir, compile=True, **limits) as compiled:
+        assert [greedy(compiled.url, p) for p in PROMPTS] == alone
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(lambda p: greedy(compiled.url, p), PROMPTS)) == alone
 
 
 def test_a_stop_string_ends_the_text_before_it(url):

@@ -3,14 +3,15 @@
 `generate` in transformers compiles the decode step's forward only on accelerators and only with a cache whose type
 is not exactly `DynamicCache`. A recurrent model is where a compiled step pays most on a CPU too (its step is a few
 hundred small ops, bound by per-op overhead, not FLOPs), so an explicit `compile_config` here means "compile", on
-the CPU as well: the model then generates with transformers' `StaticCache` (the same fixed-size recurrent layers)
-and Inductor's C++ wrapper, which removes the Python launcher of every kernel. Without a `compile_config`,
+the CPU as well: the model then generates with transformers' `StaticCache` (the same fixed-size recurrent layers).
+Without a `compile_config`,
 behaviour is transformers' default. Where no C++ compiler exists, it warns once and runs eager.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 
 import torch
@@ -18,6 +19,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+# Up to this many cores, Inductor compiles in the calling process (see `inductor_cpu_settings`).
+FEW_CORES = 4
 TOKEN_ID_DTYPES = (torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
 
 
@@ -57,7 +60,7 @@ def prompt_checked_once(model):
 def prepare_compiled_generation(model, kwargs: dict) -> contextlib.AbstractContextManager:
     """Turns an explicit `compile_config` into a compiled decode step on this device; edits `kwargs` of `generate`.
 
-    Returns the context in which `generate` must run (Inductor's C++ wrapper on CPU, or nothing).
+    Returns the context in which `generate` must run (`inductor_cpu_settings` on CPU, or nothing).
     """
     generation_config = kwargs.get("generation_config") or model.generation_config
     compile_config = kwargs.get("compile_config", getattr(generation_config, "compile_config", None))
@@ -77,8 +80,33 @@ def prepare_compiled_generation(model, kwargs: dict) -> contextlib.AbstractConte
     if kwargs.get("cache") is None and kwargs.get("cache_implementation") is None:
         # DynamicCache is never compiled by generate (by type); StaticCache holds the same fixed-size layers.
         kwargs["cache_implementation"] = "static"
-    if on_cpu:
-        from torch._inductor import config as inductor_config
+    return inductor_cpu_settings() if on_cpu else contextlib.nullcontext()
 
-        return inductor_config.patch(cpp_wrapper=True)
-    return contextlib.nullcontext()
+
+def inductor_cpu_settings() -> contextlib.AbstractContextManager:
+    """Inductor's settings for a CPU decode step. On a machine of few cores, compilation runs in this process: the
+    pool of compile workers otherwise keeps competing for the cores with the first few hundred decode steps
+    (measured: 25 instead of 250 tok/s on 2 cores). Not the C++ wrapper: in torch 2.13 it gives wrong logits from
+    the second decode step on for this model (tests/test_generation.py compares every step's logits with eager)."""
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.patch(compile_threads=1) if (os.cpu_count() or 1) <= FEW_CORES else contextlib.nullcontext()
+
+
+def compiled_decode_step(model):
+    """`model`'s forward compiled into one graph, for callers that run their own decode loop (a serving engine):
+    call it as the model. The first call at a new batch size compiles (a second one makes the batch size dynamic);
+    on CPU, with `inductor_cpu_settings`. Without a C++ compiler on CPU: the eager model, with one warning."""
+    on_cpu = model.device.type == "cpu"
+    if on_cpu and not have_cpp_compiler():
+        logger.warning_once("no C++ compiler (g++, clang++ or $CXX) was found, which torch.compile needs on CPU: eager")
+        return model
+    compiled = torch.compile(model.__call__, fullgraph=True)
+    if not on_cpu:
+        return compiled
+
+    def step(*args, **kwargs):
+        with inductor_cpu_settings():
+            return compiled(*args, **kwargs)
+
+    return step
