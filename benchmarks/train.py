@@ -1,31 +1,93 @@
-"""Training speed: forward + backward + AdamW step, Itera-Lite against Llama and Mamba-2 in one process.
+"""Training and prefill speed: Itera-Lite against Llama and Mamba-2, each in every setting, in one process.
 
-python -m benchmarks.train           # batch 8 x 512 tokens; writes benchmarks/results/train.json and train.png
-python -m benchmarks.train --quick   # a tiny batch, to check that it runs
+python -m benchmarks.train                               # all models; writes results/train.json and train.png
+python -m benchmarks.train --models llama --settings bf16  # some: their rows replace those in train.json
+python -m benchmarks.train --quick                       # a tiny batch, eager only, to check that it runs
+
+Training is forward + backward + AdamW at 8 x 512 tokens; prefill is one 2048-token prompt without autograd (the
+LM head on the last position only). Settings: `eager` fp32; `bf16`, fp32 weights under
+`torch.autocast("cpu", bfloat16)` (what `--bf16 true` gives on a CPU); `compiled`, each repeated block compiled with
+`torch.compile` (regional compilation, what `--torch_compile true` gives in `training.pretrain`); `compiled_bf16`,
+both. Peak memory is the most bytes that torch's CPU allocator held at once during a step beyond what was held
+before it (activations, gradients, temporaries: the weights and the optimizer state are extra and the same for every
+setting), from the profiler's memory events.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
 
 import torch
 
-from benchmarks.peers import build, machine, parameters, save, timed
+from benchmarks.peers import RESULTS, build, machine, parameters, save, timed
 
 MODELS = ["itera-lite", "llama", "mamba2"]
+SETTINGS = ["eager", "bf16", "compiled", "compiled_bf16"]
 
 
-def train_tps(model, batch: int, length: int, repeats: int) -> float:
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation in place: every block of the model's repeated `ModuleList` compiled, one graph each."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and all(type(m) is type(module[0]) for m in module):
+            for block in module:
+                block.compile(fullgraph=True)
+
+
+def peak_step_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held at once during `fn()`, beyond what it held before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            held += event.nbytes()
+            peak = max(peak, held)
+    return peak
+
+
+def autocast(setting: str):
+    if setting.endswith("bf16"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_row(model, setting: str, batch: int, length: int, repeats: int) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, model.config.vocab_size, (batch, length))
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        with autocast(setting):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return batch * length / timed(step, repeats)
+    start = time.perf_counter()
+    step()  # compiles, where compiled
+    first = time.perf_counter() - start
+    seconds = timed(step, repeats)
+    return {
+        "train_tokens_per_s": batch * length / seconds,
+        "peak_step_mb": peak_step_bytes(step) / 2**20,
+        "first_step_s": first,
+    }
+
+
+@torch.no_grad()
+def prefill_tps(model, setting: str, length: int, repeats: int) -> float:
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, length))
+
+    def run():
+        with autocast(setting):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    return length / timed(run, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,28 +96,90 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
     args = parser.parse_args(argv)
-    batch, length, repeats = (2, 32, 1) if args.quick else (args.batch, args.length, 3)
-    torch.manual_seed(0)
-    result = {"machine": machine(), "preset": args.preset, "batch": batch, "length": length, "models": {}}
-    for name in MODELS:
-        model = build(name, args.preset)
-        tps = train_tps(model, batch, length, repeats)
-        result["models"][name] = {"parameters": parameters(model), "train_tokens_per_s": tps}
-        print(f"{name}: {tps:.0f} tokens/s", flush=True)
-    rows = result["models"]
-    result["ratios"] = {
-        "vs_llama": rows["itera-lite"]["train_tokens_per_s"] / rows["llama"]["train_tokens_per_s"],
-        "vs_mamba2": rows["itera-lite"]["train_tokens_per_s"] / rows["mamba2"]["train_tokens_per_s"],
-    }
-    print(f"\n| model | params | train tokens/s ({batch} x {length}, fwd+bwd+AdamW) |\n|---|---:|---:|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['parameters'] / 1e6:.2f}M | {row['train_tokens_per_s']:.0f} |")
-    print("ratios:", {k: round(v, 2) for k, v in result["ratios"].items()})
+    batch, length, prefill, repeats = (2, 32, 64, 1) if args.quick else (args.batch, args.length, args.prefill, 3)
+    settings = ["eager"] if args.quick else args.settings
+    run_id = time.strftime("%Y-%m-%d %H:%M:%S")
+    rows = {}
+    for name in args.models:
+        rows[name] = {"settings": {}}
+        for setting in settings:
+            torch.manual_seed(0)
+            model = build(name, args.preset)
+            rows[name]["parameters"] = parameters(model)
+            if setting.startswith("compiled"):
+                torch._dynamo.reset()
+                compile_blocks(model)
+            row = train_row(model, setting, batch, length, repeats)
+            row["prefill_tokens_per_s"] = prefill_tps(model, setting, prefill, repeats)
+            row["run"] = run_id  # rows of one run were measured in one process
+            rows[name]["settings"][setting] = row
+            print(
+                f"{name} {setting}: train {row['train_tokens_per_s']:.0f} tok/s, peak {row['peak_step_mb']:.0f} MB, "
+                f"prefill {row['prefill_tokens_per_s']:.0f} tok/s (first step {row['first_step_s']:.0f} s)",
+                flush=True,
+            )
+    result = {"machine": machine(), "preset": args.preset, "batch": batch, "length": length, "prefill": prefill}
+    if not args.quick:
+        previous = {}
+        if (RESULTS / "train.json").exists():
+            import json
+
+            previous = json.loads((RESULTS / "train.json").read_text()).get("models", {})
+            previous = {k: v for k, v in previous.items() if "settings" in v}  # rows of the older format are dropped
+        for name, row in rows.items():  # settings measured now replace those of earlier runs
+            entry = previous.setdefault(name, {"settings": {}})
+            entry["parameters"] = row["parameters"]
+            entry["settings"].update(row["settings"])
+        rows = previous
+    result["models"] = rows
+    result["ratios"] = ratios(rows)
+    print(table(result))
     if not args.quick:
         save("train", result)
         plot(result)
     return result
+
+
+def best(row: dict, key: str) -> tuple[str, float]:
+    setting = max(row["settings"], key=lambda s: row["settings"][s][key])
+    return setting, row["settings"][setting][key]
+
+
+def ratios(rows: dict) -> dict:
+    """Itera-Lite's best setting over each peer's best, for training and prefill; peak memory at those settings."""
+    if "itera-lite" not in rows:
+        return {}
+    out = {}
+    for peer in rows.keys() - {"itera-lite"}:
+        for key in ("train_tokens_per_s", "prefill_tokens_per_s"):
+            (ours, mine), (theirs, their) = best(rows["itera-lite"], key), best(rows[peer], key)
+            out[f"{key}_vs_{peer}"] = {"ratio": mine / their, "itera-lite": ours, peer: theirs}
+        ours, theirs = out[f"train_tokens_per_s_vs_{peer}"]["itera-lite"], out[f"train_tokens_per_s_vs_{peer}"][peer]
+        out[f"peak_step_mb_vs_{peer}"] = {
+            "ratio": rows["itera-lite"]["settings"][ours]["peak_step_mb"]
+            / rows[peer]["settings"][theirs]["peak_step_mb"]
+        }
+    return out
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"| model | params | setting | train tok/s ({result['batch']} x {result['length']}) | peak step MB | "
+        f"prefill tok/s ({result['prefill']}) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for name, row in result["models"].items():
+        for setting, s in row["settings"].items():
+            lines.append(
+                f"| {name} | {row['parameters'] / 1e6:.2f}M | {setting} | {s['train_tokens_per_s']:,.0f} | "
+                f"{s['peak_step_mb']:,.0f} | {s['prefill_tokens_per_s']:,.0f} |"
+            )
+    lines.append("ratios: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in result["ratios"].items()))
+    return "\n".join(lines)
 
 
 def plot(result: dict) -> None:
@@ -64,13 +188,23 @@ def plot(result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.peers import RESULTS
-
     names = list(result["models"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(names, [result["models"][n]["train_tokens_per_s"] for n in names], color=["C0", "C1", "C2"])
-    ax.set_ylabel("training tokens/s")
-    ax.set_title(f"fwd+bwd+AdamW, {result['batch']} x {result['length']} tokens, CPU")
+    settings = [s for s in SETTINGS if any(s in result["models"][n]["settings"] for n in names)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    keys = [
+        ("train_tokens_per_s", f"training tokens/s, {result['batch']} x {result['length']}"),
+        ("peak_step_mb", "peak MB held during a training step"),
+        ("prefill_tokens_per_s", f"prefill tokens/s, {result['prefill']} tokens"),
+    ]
+    width = 0.8 / len(settings)
+    for ax, (key, title) in zip(axes, keys):
+        for i, setting in enumerate(settings):
+            values = [result["models"][n]["settings"].get(setting, {}).get(key, 0) for n in names]
+            ax.bar([j + i * width for j in range(len(names))], values, width, label=setting)
+        ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(names))], names)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("CPU, fp32 weights; bf16 = autocast, compiled = regional torch.compile", fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "train.png", dpi=110)
     plt.close(fig)

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from modeling_itera import IteraLiteForCausalLM, ssm
+from modeling_itera.generation import have_cpp_compiler
+from training import pretrain
+
+from .conftest import smoke_args
 
 
 def loss_and_grads(model, ids, labels, **kwargs):
@@ -78,3 +83,26 @@ def test_bf16_autocast_keeps_the_scan_in_fp32_and_follows_the_fp32_loss_curve(ti
     assert fp32[-10:].mean() < fp32[:5].mean() - 0.3  # it learns
     # bf16 matmuls (8-bit mantissa) in the projections: each step's loss within 1% of fp32's (measured: 0.11% at most)
     torch.testing.assert_close(bf16, fp32, rtol=0.01, atol=0.0)
+
+
+def losses_of(metrics: dict) -> list[float]:
+    return [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
+
+
+@pytest.mark.skipif(not have_cpp_compiler(), reason="Inductor needs a C++ compiler on CPU")
+def test_compiled_training_gives_the_losses_of_eager_training(story_files, tmp_path, monkeypatch):
+    """`--torch_compile true` through training.pretrain (regional, fullgraph blocks, with gradient checkpointing):
+    the same five logged losses as eager, to 1e-4 (Inductor reorders fp32 sums), and a model that saves and loads."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # TrainingArguments sets it; restored after the test
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "default")
+    flags = ["--max_steps", "4", "--eval_strategy", "no", "--gradient_checkpointing", "true"]
+    eager = pretrain.main(smoke_args(story_files, tmp_path / "eager", *flags, "--valid_file", ""))
+    compiled = pretrain.main(
+        smoke_args(story_files, tmp_path / "compiled", *flags, "--valid_file", "", "--torch_compile", "true")
+    )
+    assert len(losses_of(eager)) == 4
+    torch.testing.assert_close(losses_of(compiled), losses_of(eager), rtol=1e-4, atol=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled")
+    assert (
+        isinstance(reloaded, IteraLiteForCausalLM) and torch.isfinite(reloaded(torch.tensor([[1, 5, 9]])).logits).all()
+    )

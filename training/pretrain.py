@@ -12,8 +12,10 @@ Writes the model with its tokenizer and generation config (loadable by `AutoMode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,10 +39,16 @@ from transformers.utils import logging
 
 import modeling_itera
 from modeling_itera.defaults import nf4_config
+from modeling_itera.generation import have_cpp_compiler
 from training import data, evaluate, reports
 from training.tokenizer import load_or_train
 
 logger = logging.get_logger("training.pretrain")
+# accelerate reads these when Trainer builds its TorchDynamoPlugin (transformers passes only backend and mode).
+REGIONAL_COMPILATION_ENV = {
+    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true",
+    "ACCELERATE_DYNAMO_USE_FULLGRAPH": "true",
+}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configuration"
 # What the shipped generation_config.json says; the pipeline would otherwise sample with its own defaults.
 GENERATION_DEFAULTS = dict(
@@ -222,6 +230,39 @@ class DivergenceGuard(TrainerCallback):
             )
 
 
+@contextlib.contextmanager
+def compilation_for(training_args: TrainingArguments):
+    """Around the construction of the Trainer: `--torch_compile true` compiles each block on its own (accelerate's
+    regional compilation: the repeated `IteraLiteBlock` is one graph, compiled once, with `fullgraph=True`, so a graph
+    break is an error) rather than the whole model, whose loss (torch's chunked cross-entropy) runs eager anyway.
+    On a CPU without a C++ compiler, which Inductor needs there, it warns and trains eager."""
+    if not training_args.torch_compile:
+        yield
+        return
+    if not torch.accelerator.is_available() and not have_cpp_compiler():
+        logger.warning("--torch_compile: no C++ compiler (g++, clang++ or $CXX) for Inductor on CPU; training eager")
+        training_args.torch_compile = False
+        training_args.torch_compile_backend = training_args.torch_compile_mode = None
+        for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE"):  # set by TrainingArguments
+            os.environ.pop(name, None)
+        yield
+        return
+    # Under activation checkpointing the MoE's expert-usage counter (a buffer update) is a side effect that dynamo
+    # refuses to replay in the recomputation; not replaying it is right (eager counts the batch twice). Global, as in
+    # accelerate's FSDP2 regional recipe: it must hold when the blocks compile, at the first step.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    saved = {name: os.environ.get(name) for name in REGIONAL_COMPILATION_ENV}
+    os.environ.update(REGIONAL_COMPILATION_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint that was written to the end. A run killed while saving leaves a partial folder
     (Trainer writes in place); `get_last_checkpoint` would pick it and the resume would fail."""
@@ -285,15 +326,16 @@ def train(args: ScriptArguments, training_args: TrainingArguments) -> dict:
     eval_during = eval_blocks
     if eval_blocks is not None and args.max_eval_blocks:
         eval_during = eval_blocks.select(range(min(args.max_eval_blocks, len(eval_blocks))))
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_blocks,
-        eval_dataset=eval_during,
-        data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    with compilation_for(training_args):
+        trainer = Trainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_blocks,
+            eval_dataset=eval_during,
+            data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     resume = last_complete_checkpoint(out) if args.resume else None
     if args.resume and resume is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {out}")
