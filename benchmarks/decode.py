@@ -72,6 +72,30 @@ def generate_tps(model, batch: int, new_tokens: int, setting: str = "eager", rep
     return {"tokens_per_s": batch * new_tokens / seconds, "first_call_s": first, "steady_call_s": seconds}
 
 
+def interleaved_tps(runs: dict, tokens: int, repeats: int = 2) -> dict:
+    """Tokens/s of each model's generate call: first every model's first call (which compiles), then rounds that
+    time every model in turn, best of `repeats` (after a warm-up round). On this shared machine a load that drifts
+    then touches every model alike, and the ratios hold."""
+    cells, best = {}, {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        try:
+            run()
+        except Exception as err:  # e.g. a peer whose decode step does not compile
+            cells[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            continue
+        cells[name], best[name] = {"first_call_s": time.perf_counter() - start}, float("inf")
+    for round_ in range(repeats + 1):
+        for name in best:
+            start = time.perf_counter()
+            runs[name]()
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
+    for name, seconds in best.items():
+        cells[name].update(tokens_per_s=tokens / seconds, steady_call_s=seconds)
+    return cells
+
+
 def fill_kv_cache(model, context: int) -> DynamicCache:
     """A Llama KV cache holding `context` random positions: decoding after it costs what it would after a prompt."""
     cfg = model.config
@@ -115,8 +139,8 @@ def prefill_tps(model, length: int, repeats: int = 2) -> float:
 
 
 def quantized_rows(new_tokens: int) -> dict:
-    """Itera-Lite in bf16 (eager and compiled) and bitsandbytes nf4 / int8 (eager: transformers does not compile
-    bitsandbytes models), batch 1."""
+    """Itera-Lite loaded in fp32 and bf16 (eager and compiled) and bitsandbytes nf4 / int8 (eager: transformers does
+    not compile bitsandbytes models), batch 1, one after the other."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from modeling_itera.defaults import nf4_config
@@ -125,6 +149,7 @@ def quantized_rows(new_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         build("itera-lite").save_pretrained(folder)
         variants = {
+            "fp32": dict(dtype=torch.float32),  # the reference of this table, measured beside the others
             "bf16": dict(dtype=torch.bfloat16),
             "nf4": dict(quantization_config=nf4_config()),
             "int8": dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True)),
@@ -132,7 +157,7 @@ def quantized_rows(new_tokens: int) -> dict:
         for name, load in variants.items():
             try:
                 model = AutoModelForCausalLM.from_pretrained(folder, **load).eval()
-                for setting in ["eager", "compiled"] if name == "bf16" else ["eager"]:
+                for setting in ["eager", "compiled"] if name in ("fp32", "bf16") else ["eager"]:
                     rows[f"{name}/{setting}"] = generate_tps(model, 1, new_tokens, setting, repeats=1)
             except Exception as err:  # a missing bitsandbytes backend must not sink the whole benchmark
                 rows[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
@@ -171,31 +196,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         new_tokens, context_tokens, prefill_len, contexts, batches = {}, 4, 64, [16, 64], [1, 2]
     torch.manual_seed(0)
-    result = {"machine": machine(), "preset": args.preset, "prompt": PROMPT, "models": {}}
-    for name in args.models:
-        model = build(name, args.preset)
-        row = {"parameters": parameters(model), "generate": {}, "decode_by_context": {}}
-        for setting in SETTINGS:
-            if args.quick and setting == "compiled" and name != "itera-lite":
-                continue  # the smoke run compiles only Itera-Lite (each compile costs ~10 s here)
-            torch._dynamo.reset()
-            for batch in batches:
-                tokens = new_tokens.get(batch, 4)
-                try:
-                    row["generate"][f"{setting}/batch{batch}"] = generate_tps(model, batch, tokens, setting)
-                except Exception as err:  # e.g. a peer whose decode step does not compile
-                    row["generate"][f"{setting}/batch{batch}"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-                print(name, setting, batch, row["generate"][f"{setting}/batch{batch}"], flush=True)
-            if name != "mamba2":  # the context table compares the recurrent state with Llama's growing KV cache
-                torch._dynamo.reset()
-                for context in contexts:
-                    cell = decode_at_context(model, context, context_tokens, setting)
-                    row["decode_by_context"][f"{setting}/{context}"] = cell
-                    print(name, setting, "context", context, cell, flush=True)
-        row["prefill_tps"] = prefill_tps(model, prefill_len)
-        if name == "itera-lite":
-            row["no_cache"] = generate_tps(model, 1, min(64, new_tokens.get(1, 4)), use_cache=False, repeats=1)
-        result["models"][name] = row
+    result = {"machine": machine(), "load_average": os.getloadavg(), "preset": args.preset, "prompt": PROMPT}
+    models = {name: build(name, args.preset) for name in args.models}
+    rows = {name: {"parameters": parameters(m), "generate": {}, "decode_by_context": {}} for name, m in models.items()}
+    for setting in SETTINGS:
+        # the smoke run compiles only Itera-Lite (each compile costs ~10-20 s here)
+        names = [n for n in models if not (args.quick and setting == "compiled" and n != "itera-lite")]
+        torch._dynamo.reset()
+        for batch in batches:
+            tokens = new_tokens.get(batch, 4)
+            runs = {n: generate_call(models[n], batch, tokens, setting) for n in names}
+            for name, cell in interleaved_tps(runs, batch * tokens).items():
+                rows[name]["generate"][f"{setting}/batch{batch}"] = cell
+                print(name, setting, batch, cell, flush=True)
+        torch._dynamo.reset()
+        for context in contexts:  # the recurrent state against Llama's growing KV cache, one after the other
+            for name in (n for n in names if n != "mamba2"):
+                cell = decode_at_context(models[name], context, context_tokens, setting)
+                rows[name]["decode_by_context"][f"{setting}/{context}"] = cell
+                print(name, setting, "context", context, cell, flush=True)
+    for name, model in models.items():
+        rows[name]["prefill_tps"] = prefill_tps(model, prefill_len)
+    if "itera-lite" in models:
+        rows["itera-lite"]["no_cache"] = generate_tps(
+            models["itera-lite"], 1, min(64, new_tokens.get(1, 4)), use_cache=False, repeats=1
+        )
+    result["models"] = rows
     if "itera-lite" in args.models and not args.quick:
         result["itera_dtypes"] = quantized_rows(64)
         result["compile_seconds"] = compile_seconds(32)
@@ -252,8 +278,11 @@ def summarize(result: dict) -> None:
         "cache_vs_no_cache_b1": tps(it, f"eager/batch{b_lo}") / it["no_cache"]["tokens_per_s"],
     }
     if "itera_dtypes" in result and "bf16/compiled" in result["itera_dtypes"]:
-        bf16 = result["itera_dtypes"]["bf16/compiled"]["tokens_per_s"]
-        result["ratios"]["bf16_compiled_vs_fp32_compiled_b1"] = bf16 / tps(it, f"compiled/batch{b_lo}")
+        dtypes = result["itera_dtypes"]
+        for setting in SETTINGS:
+            result["ratios"][f"bf16_vs_fp32_{setting}_b1"] = (
+                dtypes[f"bf16/{setting}"]["tokens_per_s"] / dtypes[f"fp32/{setting}"]["tokens_per_s"]
+            )
     print("\nratios:", {k: round(v, 2) for k, v in result["ratios"].items()})
 
 
