@@ -12,6 +12,10 @@ combine. The dispatch has three forms, all with the same result (tested in float
   wrapped: the experts stay `nn.Linear` modules as the storage so that those libraries can replace them, and this
   form calls whatever module is there.
 
+`static_dispatch = True` on a MoE module (set by `modeling_itera.export` while it traces an ONNX graph) makes every
+call take the dense form with no skipping: one fixed graph for any number of tokens, with no `torch.cond` and no
+grouped matmul, which the ONNX exporter cannot lower.
+
 The load-balancing loss is a pure function of the router logits, so the model can add it to `loss`.
 """
 
@@ -76,15 +80,16 @@ def load_balancing_loss(
     return num_experts * (slot_share * mean_prob).sum()
 
 
-def skip_unrouted(experts: nn.ModuleList, gate: torch.Tensor):
+def skip_unrouted(experts: nn.ModuleList, gate: torch.Tensor, skip: bool = True):
     """For the dense form: one function per expert, `(out, tokens) -> out + expert(tokens) * gate[:, e]`, that skips
     the expert when no token picked it. Decoding reads the weights, so skipping the unpicked experts (half of them
     at batch 1, top-2 of 4) saves their bytes. How it skips, without ever waiting on an accelerator:
     compiled, `torch.cond` (a branch inside the graph); eager on CPU, a Python `if` on the (CPU) gate; eager on an
-    accelerator, it does not skip (the `if` would be a host round trip)."""
+    accelerator, it does not skip (the `if` would be a host round trip). `skip=False`: every expert, no branch."""
     routed = gate.ne(0).any(dim=0)  # (e,)
-    compiling = torch.compiler.is_compiling()
-    routed_list = routed.tolist() if not compiling and gate.device.type == "cpu" else [True] * len(experts)
+    compiling = skip and torch.compiler.is_compiling()
+    eager_skip = skip and not compiling and gate.device.type == "cpu"
+    routed_list = routed.tolist() if eager_skip else [True] * len(experts)
 
     def apply(e: int):
         def add_expert(out: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,7 @@ class IteraLiteSparseMoE(nn.Module):
             IteraLiteMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.num_experts)
         )
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self.static_dispatch = False  # True: the dense form, every expert, for any length (ONNX export)
 
     def reset_usage(self) -> None:
         self.tokens_per_expert.zero_()
@@ -143,12 +149,12 @@ class IteraLiteSparseMoE(nn.Module):
         with torch.no_grad():  # a one-hot sum, not bincount: its shape is static, so it compiles
             self.tokens_per_expert += F.one_hot(experts, self.num_experts).sum((0, 1))
 
-        dispatch = dispatch or self.dispatch_for(tokens.shape[0])
+        dispatch = dispatch or ("dense" if self.static_dispatch else self.dispatch_for(tokens.shape[0]))
         if dispatch == "dense":
             # (t, e) routing weights with zeros for the experts not picked; then a fixed loop over the experts.
             gate = torch.zeros_like(router_logits, dtype=weights.dtype).scatter(1, experts, weights).to(tokens.dtype)
             out = torch.zeros_like(tokens)
-            for add_expert in skip_unrouted(self.experts, gate):
+            for add_expert in skip_unrouted(self.experts, gate, skip=not self.static_dispatch):
                 out = add_expert(out, tokens)
             return out.reshape(shape), router_logits
 
