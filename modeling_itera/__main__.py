@@ -3,6 +3,7 @@
 The default model is the bundled folder (checkpoints/itera-lite-tinystories) when it is there, as in a clone of the
 repository; an installed copy (`pip install .`) has no checkpoints/ and uses the published model on the Hugging Face
 Hub (itera-lite/itera-lite-tinystories) instead. `--model` names any other folder or Hub id.
+`--backend onnx --model DIR` runs an ONNX export (`python -m modeling_itera.export`) with onnxruntime instead.
 """
 
 from __future__ import annotations
@@ -37,7 +38,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="decode with torch.compile (fullgraph); the first tokens take longer"
     )
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: --model is a folder written by `python -m modeling_itera.export`, run with onnxruntime",
+    )
     return parser.parse_args(argv)
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """The story from an ONNX export, streamed; sampling settings default to the export's generation config."""
+    from modeling_itera.onnx_runtime import IteraOnnxModel, NotAnExportError
+
+    try:
+        model = IteraOnnxModel(args.model)
+    except NotAnExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        greedy=True if args.greedy else None,
+    )
+    print(args.prompt, end="", flush=True)
+    for piece in model.stream(args.prompt, **kwargs):
+        print(piece, end="", flush=True)
+    print()
+    return 0
 
 
 def cannot_load(model: str, err: OSError) -> str:
@@ -55,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prompt.strip():
         print("error: the prompt is empty", file=sys.stderr)
         return 2
+    if args.backend == "onnx":
+        return run_onnx(args)
     local = Path(args.model).exists()
     if local and not (Path(args.model) / "config.json").exists():
         print(f"error: {args.model} is not a model folder (no config.json in it)", file=sys.stderr)

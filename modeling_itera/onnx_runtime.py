@@ -285,12 +285,15 @@ class IteraOnnxModel:
         return texts[0] if isinstance(prompts, str) else texts
 
     def stream(self, prompt: str, skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
-        """One prompt; yields the text as it grows (decoded from all new tokens so far, so merges come out right)."""
+        """One prompt; yields the new text as it grows. Each piece is cut from the decoded prompt + new tokens, so
+        that spaces and merged characters come out as in one decode."""
         ids, mask = self.encode(prompt)
-        new, shown = [], ""
+        prompt_ids = ids[0].tolist()
+        shown = self.tokenizer.decode(prompt_ids, skip_special_tokens=skip_special_tokens)
+        new = []
         for token in self.generate_ids(ids, mask, **kwargs):
             new = self._until_eos([*new, int(token[0])])
-            text = self.tokenizer.decode(new, skip_special_tokens=skip_special_tokens)
+            text = self.tokenizer.decode(prompt_ids + new, skip_special_tokens=skip_special_tokens)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(shown) :]
                 shown = text

@@ -180,10 +180,14 @@ def test_sampler_keeps_top_k_and_top_p():
 
 
 def test_text_generation_and_streaming_agree(onnx_model):
-    text = onnx_model.generate("the cat", max_new_tokens=12, greedy=True)
-    assert "".join(onnx_model.stream("the cat", max_new_tokens=12, greedy=True)) == text
+    tok = onnx_model.tokenizer
+    prompt_ids = tok.encode("the cat").ids
+    new_ids = np.stack(list(onnx_model.generate_ids(np.array([prompt_ids]), max_new_tokens=12, greedy=True)), 1)[0]
+    assert onnx_model.generate("the cat", max_new_tokens=12, greedy=True) == tok.decode(new_ids.tolist())
+    streamed = "".join(onnx_model.stream("the cat", max_new_tokens=12, greedy=True))
+    assert tok.decode(prompt_ids) + streamed == tok.decode(prompt_ids + new_ids.tolist())
     batch = onnx_model.generate(["the cat", "a big red ball"], max_new_tokens=12, greedy=True)
-    assert batch[0] == text  # left padding changes nothing for the shorter prompt
+    assert batch[0] == onnx_model.generate("the cat", max_new_tokens=12, greedy=True)  # left padding changes nothing
 
 
 def test_generator_runs_where_torch_cannot_be_imported(exported, onnx_model):
@@ -239,3 +243,14 @@ def test_mismatched_states_and_ids_out_of_range(onnx_model):
         onnx_model.prefill(np.array([[3, 99]]))
     with pytest.raises(ValueError, match="cannot be padded"):
         onnx_model.prefill(np.array([[3, 4]]), np.array([[0, 1]]), states=onnx_model.zero_states(1))
+
+
+def test_cli_backend_onnx(exported, onnx_model, capsys, tmp_path):
+    from modeling_itera import __main__ as cli
+
+    flags = ["--backend", "onnx", "--model", str(exported), "--greedy", "--max-new-tokens", "8"]
+    assert cli.main([*flags, "the cat"]) == 0
+    streamed = "".join(onnx_model.stream("the cat", max_new_tokens=8, greedy=True))
+    assert capsys.readouterr().out == f"the cat{streamed}\n"
+    assert cli.main(["--backend", "onnx", "--model", str(tmp_path), "the cat"]) == 2
+    assert "no itera_onnx.json" in capsys.readouterr().err
