@@ -186,25 +186,38 @@ def graph_io(config: IteraLiteConfig, graph: str) -> dict:
     return {"file": f"{graph}.onnx", "inputs": [describe(n) for n in inputs], "outputs": [describe(n) for n in outputs]}
 
 
-def gemm_to_matmul(proto) -> None:
-    """Rewrites `Gemm(x, W, transB=1)` without bias (what a `nn.Linear` on 2-D tokens exports to: the MoE's) as
-    `MatMul(x, W^T)`: onnxruntime's dynamic quantization handles MatMul, not Gemm."""
+def matmuls_with_constant_weights(proto) -> None:
+    """Rewrites the graph so that every weight matmul is a `MatMul(x, W)` with `W` an initializer, the one form that
+    onnxruntime's dynamic quantization handles: `Gemm(x, W, transB=1)` without bias (a `nn.Linear` on 2-D tokens,
+    the MoE's) becomes `MatMul(x, W^T)`, and `Transpose(W)` of an initializer (the LM head tied to the embedding)
+    becomes the transposed initializer, so the embedding's Gather and the head's MatMul are quantized each."""
     import onnx
     from onnx import numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
+
+    def add_transposed(name: str, perm=None) -> str:
+        new = f"{name}.T"
+        if new not in inits:
+            inits[new] = numpy_helper.from_array(numpy_helper.to_array(inits[name]).transpose(perm).copy(), new)
+            proto.graph.initializer.append(inits[new])
+        return new
+
+    folded = {}  # Transpose output -> transposed initializer
+    for node in list(proto.graph.node):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1
-        if node.op_type != "Gemm" or len(node.input) != 2 or not plain or node.input[1] not in inits:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            folded[node.output[0]] = add_transposed(node.input[0], attrs.get("perm"))
+            proto.graph.node.remove(node)
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        name = f"{node.input[1]}.T"
-        if name not in inits:
-            inits[name] = numpy_helper.from_array(weight.T.copy(), name)
-            proto.graph.initializer.append(inits[name])
-        node.op_type, node.input[1] = "MatMul", name
-        del node.attribute[:]
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1
+        if node.op_type == "Gemm" and len(node.input) == 2 and plain and node.input[1] in inits:
+            node.op_type, node.input[1] = "MatMul", add_transposed(node.input[1])
+            del node.attribute[:]
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in folded:
+                node.input[i] = folded[name]
     used = {i for n in proto.graph.node for i in n.input}
     keep = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.initializer[:]
@@ -218,7 +231,7 @@ def quantize_int8(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(str(path))
-    gemm_to_matmul(proto)
+    matmuls_with_constant_weights(proto)
     tmp = path.with_suffix(".fp32.onnx")
     onnx.save(proto, str(tmp))
     path.unlink()
