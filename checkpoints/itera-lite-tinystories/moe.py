@@ -176,7 +176,9 @@ class IteraLiteSparseMoE(nn.Module):
             slot_output = grouped_mm(F.silu(gate) * up, down, offsets)
         elif dispatch == "looped":
             counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()
-            slot_output = torch.cat([expert(part) for expert, part in zip(self.experts, slot_input.split(counts))])
+            parts = zip(self.experts, slot_input.split(counts))
+            # an expert with no slot is not called: a quantized layer may reject an empty input
+            slot_output = torch.cat([expert(part) if part.shape[0] else part for expert, part in parts])
         else:
             raise ValueError(f"dispatch must be 'dense', 'grouped' or 'looped', got {dispatch!r}")
 
