@@ -4,8 +4,8 @@
 is not exactly `DynamicCache`. A recurrent model is where a compiled step pays most on a CPU too (its step is a few
 hundred small ops, bound by per-op overhead, not FLOPs), so an explicit `compile_config` here means "compile", on
 the CPU as well: the model then generates with transformers' `StaticCache` (the same fixed-size recurrent layers).
-Without a `compile_config`,
-behaviour is transformers' default. Where no C++ compiler exists, it warns once and runs eager.
+Without a `compile_config`, behaviour is transformers' default. Where no C++ compiler exists, it warns once and runs
+eager.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def have_cpp_compiler() -> bool:
     """Whether Inductor can build CPU kernels here: it needs a C++ compiler ($CXX, or g++ / clang++ / c++)."""
     from torch._inductor import config as inductor_config
 
-    candidates = [inductor_config.cpp.cxx[0]] if inductor_config.cpp.cxx and inductor_config.cpp.cxx[0] else []
-    candidates += ["g++", "clang++", "c++"]
+    candidates = [c for c in (inductor_config.cpp.cxx or ()) if c] + ["g++", "clang++", "c++"]
     return any(shutil.which(c) for c in candidates if c)
 
 
