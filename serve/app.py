@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .engine import Delta, Done, Engine, EngineStopped, Failed, Finished, Job, Limits, QueueFull
+from .engine import Delta, Done, Engine, EngineStopped, Failed, Finished, Job, Limits, PromptScored, QueueFull
+from .logprobs import Logprobs
 from .metrics import CONTENT_TYPE, Metrics
-from .sampling import SamplingParams
+from .sampling import Penalties, SamplingParams
 from .schemas import DEFAULT_MAX_TOKENS, BadRequest, CompletionRequest, parse
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite",
         try:
             req = parse(await read_json(request))
             req.check(limits)
-            prompts = [tokenizer.encode(p) for p in req.prompts]
+            req.check_ids(len(tokenizer))
+            prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
             longest = max(len(ids) for ids in prompts)
             if longest > limits.max_prompt_tokens:
                 msg = f"the prompt is {longest} tokens long, above this server's limit of {limits.max_prompt_tokens}"
@@ -135,7 +137,7 @@ def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite",
         job = Job(
             prompts=prompts,
             sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            max_tokens=req.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_new_tokens),
+            max_tokens=min(DEFAULT_MAX_TOKENS, limits.max_new_tokens) if req.max_tokens is None else req.max_tokens,
             sampling=SamplingParams(
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p,
@@ -145,6 +147,13 @@ def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite",
             n=req.n or 1,
             seed=req.seed,
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.echo and req.logprobs is not None,
+            penalties=Penalties(
+                frequency=req.frequency_penalty or 0.0,
+                presence=req.presence_penalty or 0.0,
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+            ),
         )
         try:
             engine.submit(job)
@@ -154,10 +163,13 @@ def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite",
             return error(503, str(err), "server_error")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = model_name
+        texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in req.prompts]
+        out = Choices(tokenizer, job, req, texts, prompts)
         if req.stream:
-            stream = sse(engine, job, events, req, head)
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            stream = sse(engine, job, events, out, head, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await collect(request, engine, job, events, req, head)
+        return await collect(request, engine, job, events, out, head)
 
     return app
 
@@ -170,8 +182,48 @@ async def next_event(job: Job, events: asyncio.Queue):
         return Failed(504, "the generation engine did not answer in time", "timeout")
 
 
-def choice(index: int, text: str, reason: str | None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+def choice(index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+
+
+class Choices:
+    """Turns a job's events into OpenAI choices (whole or as stream chunks): the echoed prompt, text, logprobs."""
+
+    def __init__(self, tokenizer, job: Job, req: CompletionRequest, texts: list[str], prompts: list[list[int]]):
+        self.job, self.echo, self.texts, self.prompts = job, req.echo, texts, prompts
+        self.text: dict[int, str] = defaultdict(str)
+        self.reasons: dict[int, str] = {}
+        self.logprobs = None
+        if req.logprobs is not None:  # offsets count from the prompt's start; an echoed prompt is in the text
+            start = [0 if req.echo else len(texts[i // job.n]) for i in range(job.slots)]
+            self.logprobs = [Logprobs(tokenizer, start[i]) for i in range(job.slots)]
+
+    def echoed(self) -> list[dict]:
+        """The chunks of the echoed prompts, when they come without logprobs (else `on` sends them)."""
+        if not self.echo or self.job.prompt_logprobs:
+            return []
+        return [self.on(Delta(i, self.texts[i // self.job.n]))[0] for i in range(self.job.slots)]
+
+    def on(self, event) -> list[dict]:
+        """The stream chunks' choices that an engine event makes (and their parts, kept for `whole`)."""
+        if isinstance(event, PromptScored):
+            n, p = self.job.n, event.prompt
+            chunks = []
+            for i in range(p * n, (p + 1) * n):
+                lp = self.logprobs[i].add(event.logprobs, self.prompts[p])
+                chunks.append(choice(i, self.texts[p], None, lp))
+                self.text[i] += self.texts[p]
+            return chunks
+        if isinstance(event, Finished):
+            self.reasons[event.index] = event.reason
+            return [choice(event.index, "", event.reason, None if self.logprobs is None else Logprobs.empty())]
+        self.text[event.index] += event.text
+        lp = None if self.logprobs is None else self.logprobs[event.index].add(list(event.logprobs))
+        return [choice(event.index, event.text, None, lp)]
+
+    def whole(self) -> list[dict]:
+        lp = [None] * self.job.slots if self.logprobs is None else [b.whole for b in self.logprobs]
+        return [choice(i, self.text[i], self.reasons.get(i), lp[i]) for i in range(self.job.slots)]
 
 
 def usage(done: Done) -> dict:
@@ -186,45 +238,39 @@ async def cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> No
     engine.cancel(job)
 
 
-async def collect(request: Request, engine: Engine, job: Job, events: asyncio.Queue, req: CompletionRequest, head):
+async def collect(request: Request, engine: Engine, job: Job, events: asyncio.Queue, out: Choices, head):
     """The whole completion as one JSON response."""
-    texts, reasons = defaultdict(str), {}
-    if req.echo:
-        texts |= {i: req.prompts[i // job.n] for i in range(job.slots)}
+    out.echoed()
     watcher = asyncio.create_task(cancel_on_disconnect(request, engine, job))
     try:
         while not isinstance(event := await next_event(job, events), (Done, Failed)):
-            if isinstance(event, Delta):
-                texts[event.index] += event.text
-            elif isinstance(event, Finished):
-                reasons[event.index] = event.reason
+            out.on(event)
     finally:
         watcher.cancel()
         engine.cancel(job)  # a no-op once the job is done; frees the slots if this task was cancelled
     if isinstance(event, Failed):
         return error(event.status, event.message, event.kind)
-    choices = [choice(i, texts[i], reasons.get(i)) for i in range(job.slots)]
-    return JSONResponse(head | {"choices": choices, "usage": usage(event)})
+    return JSONResponse(head | {"choices": out.whole(), "usage": usage(event)})
 
 
-async def sse(engine: Engine, job: Job, events: asyncio.Queue, req: CompletionRequest, head: dict):
+async def sse(engine: Engine, job: Job, events: asyncio.Queue, out: Choices, head: dict, include_usage: bool):
     """Server-sent events: a `data: {chunk}` per piece of text, one with each choice's finish_reason, then
     `data: [DONE]`. An error after the stream started arrives as `data: {"error": ...}`, as OpenAI sends it."""
 
     def data(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
+    if include_usage:  # as OpenAI does: every chunk has the field, null until the last one
+        head = head | {"usage": None}
     try:
-        if req.echo:
-            for i in range(job.slots):
-                yield data(head | {"choices": [choice(i, req.prompts[i // job.n], None)]})
+        for chunk in out.echoed():
+            yield data(head | {"choices": [chunk]})
         while not isinstance(event := await next_event(job, events), (Done, Failed)):
-            text = event.text if isinstance(event, Delta) else ""
-            reason = event.reason if isinstance(event, Finished) else None
-            yield data(head | {"choices": [choice(event.index, text, reason)]})
+            for chunk in out.on(event):
+                yield data(head | {"choices": [chunk]})
         if isinstance(event, Failed):
             yield data({"error": {"message": event.message, "type": event.kind, "param": None, "code": None}})
-        elif req.stream_options is not None and req.stream_options.include_usage:
+        elif include_usage:
             yield data(head | {"choices": [], "usage": usage(event)})
         yield "data: [DONE]\n\n"
     finally:

@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from modeling_itera.generation import compiled_decode_step
 
 from .metrics import Metrics
-from .sampling import SamplingParams, next_tokens
+from .sampling import Penalties, SamplingParams, TokenLogprob, adjust_logits, next_tokens, token_logprobs
 from .text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,19 @@ class Limits:
     request_timeout: float = 120.0
 
 
-# Events a job's sink receives, in order: Delta*, Finished per choice, then Done; or a single Failed at any point.
+# Events a job's sink receives, in order: PromptScored per prompt (if asked), Delta*, Finished per choice, then Done;
+# or a single Failed at any point.
+@dataclass(frozen=True)
+class PromptScored:
+    prompt: int
+    logprobs: list[TokenLogprob | None]  # one per prompt token; None for the first, which nothing predicts
+
+
 @dataclass(frozen=True)
 class Delta:
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens whose text this delta completes (if the job asked)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,9 @@ class Job:
     n: int = 1
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # top tokens per generated token (0-5); None: no logprobs
+    prompt_logprobs: bool = False  # score the prompt's own tokens (echo with logprobs)
+    penalties: Penalties = field(default_factory=Penalties)
     arrived: float = field(default_factory=time.monotonic)
     deadline: float = math.inf
     cancelled: bool = False
@@ -121,6 +132,8 @@ class Sequence:
     last: int = 0
     generated: int = 0
     done: bool = False
+    counts: Counter = field(default_factory=Counter)  # generated tokens, for the frequency/presence penalties
+    pending: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet sent with a delta
 
 
 def concat_caches(caches: list[DynamicCache]) -> DynamicCache:
@@ -252,29 +265,53 @@ class Engine:
         try:
             seqs, caches = [], []
             for p, ids in enumerate(job.prompts):
+                ids_t = torch.tensor([ids], device=self.device)
                 out = self.model(
-                    torch.tensor([ids], device=self.device),
+                    ids_t,
                     cache=DynamicCache(config=self.model.config),
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if job.prompt_logprobs else 1,  # 0: every position's logits
                 )
                 self.metrics.count_prompt(len(ids))
+                if job.prompt_logprobs:
+                    scored = token_logprobs(out.logits[0, :-1], ids_t[0, 1:], job.logprobs or 0)
+                    self._send(job, PromptScored(p, [None, *scored]))
                 rows = [self._new_sequence(job, p * job.n + i) for i in range(job.n)]
+                if job.max_tokens == 0:  # scoring only: nothing to generate, the state is not kept
+                    for seq in rows:
+                        self._finish(seq, "length", "")
+                    continue
                 if job.n > 1:  # n copies of the prompt's state, one slot per choice
                     out.cache.reorder_cache(torch.zeros(job.n, dtype=torch.long, device=self.device))
                 logits = out.logits[:, -1].expand(job.n, -1)
-                tokens = next_tokens(logits, [job.sampling] * job.n, [s.generator for s in rows])
+                tokens, logprobs = self._choose(logits, rows)
                 caches.append(out.cache)
-                seqs += zip(rows, tokens)
+                seqs += zip(rows, tokens, logprobs)
         except Exception:
             logger.exception("prefill failed")
             self._fail(job, 500, "internal error during prefill", "server_error")
             return
+        if not caches:
+            return
         self._cache = concat_caches(([self._cache] if self._active else []) + caches)
-        self._active += [seq for seq, _ in seqs]
-        for seq, token in seqs:
-            self._advance(seq, token)
+        self._active += [seq for seq, _, _ in seqs]
+        for seq, token, logprob in seqs:
+            self._advance(seq, token, logprob)
         self.metrics.tokens(len(seqs))
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's next token (after its bias and penalties) and, where its job asks, the token's logprob
+        under the model. logits: (b, v), one row per sequence."""
+        adjusted = adjust_logits(logits, [s.job.penalties for s in seqs], [s.counts for s in seqs])
+        tokens = next_tokens(adjusted, [s.job.sampling for s in seqs], [s.generator for s in seqs])
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        rows = [i for i, s in enumerate(seqs) if s.job.logprobs is not None]
+        if rows:
+            k = max(seqs[i].job.logprobs for i in rows)
+            chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+            for i, lp in zip(rows, token_logprobs(logits[rows], chosen, k)):
+                logprobs[i] = TokenLogprob(lp.token, lp.logprob, lp.top[: seqs[i].job.logprobs])
+        return tokens, logprobs
 
     def _new_sequence(self, job: Job, index: int) -> Sequence:
         generator = torch.Generator(device=self.device)
@@ -290,35 +327,40 @@ class Engine:
         out = self._step(input_ids=tokens, cache=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = out.cache
         self.metrics.decode_step(len(self._active))
-        chosen = next_tokens(
-            out.logits[:, -1], [s.job.sampling for s in self._active], [s.generator for s in self._active]
-        )
-        for seq, token in zip(self._active, chosen):
-            self._advance(seq, token)
+        chosen, logprobs = self._choose(out.logits[:, -1], self._active)
+        for seq, token, logprob in zip(self._active, chosen, logprobs):
+            self._advance(seq, token, logprob)
         self.metrics.tokens(len(chosen))
 
-    def _advance(self, seq: Sequence, token: int) -> None:
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Takes one generated token: sends the text it completes, and ends the choice on EOS, stop or length."""
         job = seq.job
         seq.generated += 1
+        seq.counts[token] += 1
         if job.first_token_at is None:
             job.first_token_at = time.monotonic()
             self.metrics.first_token_after(job.first_token_at - job.arrived)
         if token in self.eos and not job.ignore_eos:
             return self._finish(seq, "stop", seq.text.finish())
         seq.last = token
+        if logprob is not None:  # EOS is not part of the text, so it has no logprob entry either
+            seq.pending.append(logprob)
         delta = seq.text.add(token)
         if seq.text.stopped:
             return self._finish(seq, "stop", delta)
         if seq.generated >= job.max_tokens:
             return self._finish(seq, "length", delta + seq.text.finish())
         if delta:
-            self._send(job, Delta(seq.index, delta))
+            self._send(job, self._delta(seq, delta))
+
+    def _delta(self, seq: Sequence, text: str) -> Delta:
+        delta, seq.pending = Delta(seq.index, text, tuple(seq.pending)), []
+        return delta
 
     def _finish(self, seq: Sequence, reason: str, delta: str) -> None:
         job, seq.done = seq.job, True
-        if delta:
-            self._send(job, Delta(seq.index, delta))
+        if delta or seq.pending:
+            self._send(job, self._delta(seq, delta))
         self._send(job, Finished(seq.index, reason, seq.generated))
         job.remaining -= 1
         job.completion_tokens += seq.generated

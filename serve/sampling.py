@@ -3,11 +3,15 @@
 Every sequence draws from its own `torch.Generator`, so a seeded request gives the same tokens whichever requests
 share its decode steps. Greedy rows (temperature 0) take the argmax; sampled rows are filtered (top-k, then top-p,
 as `generate()` orders them) and drawn, all rows of a step together.
+
+Before that, OpenAI's `logit_bias` and frequency/presence penalties shift a row's logits (`adjust_logits`); the
+logprobs a client asks for are those of the model itself, before any of these (as vLLM reports them by default).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +33,72 @@ class SamplingParams:
     @property
     def filters(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's logit adjustments: `logit_bias` {token id: added logit}; the penalties subtract
+    `frequency * count + presence * (count > 0)` for each token already generated in this choice."""
+
+    frequency: float = 0.0
+    presence: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def neutral(self) -> bool:
+        return not (self.frequency or self.presence or self.logit_bias)
+
+
+def adjust_logits(logits: torch.Tensor, penalties: list[Penalties], counts: list[Counter]) -> torch.Tensor:
+    """The logits after each row's bias and penalties (a new tensor only when some row has any).
+
+    Args:
+        logits: (b, v) last-position logits; penalties, counts: one per row (the tokens generated so far).
+
+    Returns:
+        (b, v) logits.
+    """
+    rows = [i for i, p in enumerate(penalties) if not p.neutral]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    for i in rows:
+        p, seen = penalties[i], counts[i]
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if seen and (p.frequency or p.presence):
+            ids = torch.tensor(list(seen), device=logits.device)
+            n = torch.tensor(list(seen.values()), dtype=logits.dtype, device=logits.device)
+            logits[i, ids] -= p.frequency * n + p.presence
+    return logits
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the `top` most likely tokens' [(id, logprob)]."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """The log-probability of each row's token and the row's k most likely tokens.
+
+    Args:
+        logits: (r, v) logits; tokens: (r,) the token of each row; k: 0-5 top tokens per row.
+
+    Returns:
+        r `TokenLogprob`s.
+    """
+    logp = logits.float().log_softmax(-1)  # (r, v)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top_p, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tokens[:, None][:, :0])
+    return [
+        TokenLogprob(t, lp, list(zip(ids, ps)))
+        for t, lp, ids, ps in zip(tokens.tolist(), chosen, top_ids.tolist(), top_p.tolist())
+    ]
 
 
 def filter_probs(probs: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
