@@ -37,7 +37,7 @@ def load_metadata(folder: Path) -> dict:
     if not path.is_file():
         raise NotAnExportError(
             f"{folder} is not an Itera-Lite ONNX export: it has no {METADATA_FILE} "
-            f"(write one with `python -m modeling_itera.export --model MODEL --output {folder}`)"
+            "(write an export with `python -m modeling_itera.export --model MODEL --output DIR`)"
         )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
