@@ -88,6 +88,15 @@ def causal_lm_loss_from_hidden(
     return loss
 
 
+def seq_idx_from_cu_seq_lens(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """The document index of each position, (1, length) int32, from the cumulative lengths of packed documents
+    `[0, l_1, l_1 + l_2, ..., length]` (transformers' `cu_seq_lens_q`, for a batch flattened to one row)."""
+    if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2:
+        raise ValueError(f"cu_seq_lens_q must be 1-D [0, ..., length], got shape {tuple(cu_seq_lens.shape)}")
+    positions = torch.arange(length, device=cu_seq_lens.device)
+    return torch.searchsorted(cu_seq_lens[1:-1].to(positions.dtype), positions, right=True).to(torch.int32)[None]
+
+
 class IteraLiteRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -114,9 +123,13 @@ class IteraLiteBlock(GradientCheckpointingLayer):
             self.feed_forward = IteraLiteMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), cache, attention_mask)
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), cache, attention_mask, seq_idx)
         router_logits = None
         if self.is_moe:
             ff, router_logits = self.feed_forward(self.ff_norm(hidden_states))
@@ -224,6 +237,8 @@ class IteraLiteModel(IteraLitePreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         """Runs the blocks over new tokens, continuing from `cache` if it holds a previous state.
@@ -232,6 +247,10 @@ class IteraLiteModel(IteraLitePreTrainedModel):
             input_ids: (b, l) token ids, or `inputs_embeds` (b, l, d); exactly one of them.
             attention_mask: (b, l_total) with 1 for tokens and 0 for left padding; only its last l columns are used.
             cache: a `DynamicCache(config=...)`; its state is read and updated in place.
+            seq_idx: (b, l) int, the document index of each position when documents are packed into one row
+                (`DataCollatorWithFlattening(return_seq_idx=True)`): at each document start the SSM state and the
+                conv window reset, so each document is computed as if alone. The first document continues `cache`.
+            cu_seq_lens_q: (n_docs + 1,) cumulative document lengths of a batch of one row, instead of `seq_idx`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -253,6 +272,12 @@ class IteraLiteModel(IteraLitePreTrainedModel):
                 raise ValueError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
             inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)  # compute in the model's dtype
         b, l = inputs_embeds.shape[:2]
+        if cu_seq_lens_q is not None and seq_idx is None:
+            if b != 1:
+                raise ValueError(f"cu_seq_lens_q describes one flattened row; got a batch of {b}: pass seq_idx")
+            seq_idx = seq_idx_from_cu_seq_lens(cu_seq_lens_q, l)
+        if seq_idx is not None and tuple(seq_idx.shape) != (b, l):
+            raise ValueError(f"seq_idx must have shape (batch={b}, length={l}), got {tuple(seq_idx.shape)}")
         if attention_mask is not None and (
             attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < l
         ):
@@ -277,7 +302,9 @@ class IteraLiteModel(IteraLitePreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, router_logits = layer(hidden_states, cache=cache, attention_mask=attention_mask)
+            hidden_states, router_logits = layer(
+                hidden_states, cache=cache, attention_mask=attention_mask, seq_idx=seq_idx
+            )
             if output_router_logits and router_logits is not None:
                 all_router_logits.append(router_logits)
         hidden_states = self.norm(hidden_states)
@@ -316,6 +343,8 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Like `IteraLiteModel.forward`, plus the LM head and, when `labels` are given, the loss.
@@ -330,6 +359,10 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         layers, always (training a MoE without it lets the routing collapse). Under gradient accumulation the
         Trainer passes `num_items_in_batch`; the aux term is then weighted by this micro-batch's share of the
         tokens, so that it adds up to one mean over the accumulated batch, like the cross-entropy does.
+
+        Packed documents (`seq_idx` or `cu_seq_lens_q`, see `IteraLiteModel.forward`) give each document the logits
+        it has alone; labels of -100 at each document's first token (as `DataCollatorWithFlattening` sets them) then
+        give each document the loss it has alone too.
         """
         has_moe = "moe" in self.config.layers_block_type
         need_router_logits = has_moe and (
@@ -343,6 +376,8 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_logits=need_router_logits,
+            seq_idx=seq_idx,
+            cu_seq_lens_q=cu_seq_lens_q,
             return_dict=True,  # whatever config.return_dict says: the tuple is made once, at the end
         )
         hidden_states = outputs.last_hidden_state

@@ -120,3 +120,49 @@ def test_mixer_in_place_decode_step_equals_the_autograd_one():
         functional = mixer(x[:, 5:], caches[1])
     torch.testing.assert_close(in_place, functional)
     torch.testing.assert_close(caches[0].get_recurrent_state(0), caches[1].get_recurrent_state(0))
+
+
+def documents(b: int, l: int, starts: list[int]) -> torch.Tensor:
+    """seq_idx (b, l) with documents starting at `starts` in row 0 and one boundary mid-row in the others."""
+    seq_idx = torch.zeros(b, l, dtype=torch.int32)
+    for s in starts:
+        seq_idx[0, s:] += 1
+    seq_idx[1:, l // 2 :] = 5  # any numbering: only the changes count
+    return seq_idx
+
+
+PACKED = {  # length, chunk, document starts: inside chunks, at chunk edges, a one-token document, the last position
+    "inside-chunks": (30, 8, [3, 13, 21]),
+    "at-chunk-edges": (32, 8, [8, 16, 24]),
+    "one-token-docs": (25, 8, [1, 2, 7, 8, 9, 24]),
+    "one-chunk": (7, 16, [4]),
+}
+
+
+@pytest.mark.parametrize("length,chunk,starts", PACKED.values(), ids=PACKED.keys())
+def test_chunked_scan_with_document_boundaries_equals_sequential_reference(length, chunk, starts):
+    inputs = [t.requires_grad_() for t in random_inputs(l=length)]
+    seq_idx = documents(2, length, starts)
+    y_fast, final_fast = ssd_chunked(*inputs[:5], chunk, initial_state=inputs[5], seq_idx=seq_idx)
+    y_ref, final_ref = ssd_sequential(*inputs[:5], initial_state=inputs[5], seq_idx=seq_idx)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final_fast, final_ref, rtol=1e-10, atol=1e-10)
+
+    weights = torch.randn_like(y_ref), torch.randn_like(final_ref)
+    grads_fast = torch.autograd.grad((y_fast * weights[0]).sum() + (final_fast * weights[1]).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * weights[0]).sum() + (final_ref * weights[1]).sum(), inputs)
+    for name, g_fast, g_ref in zip(["x", "dt", "A", "B", "C", "initial_state"], grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_sequential_reference_with_boundaries_runs_each_document_alone():
+    """What `seq_idx` means: the first document continues the initial state, every later one starts from zero."""
+    x, dt, A, B, C, s0 = random_inputs(b=1, l=20)
+    bounds = [0, 6, 7, 15, 20]
+    y_packed, final_packed = ssd_sequential(x, dt, A, B, C, s0, seq_idx=documents(1, 20, bounds[1:-1]))
+    state = s0
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        part = slice(start, end)
+        y, state = ssd_sequential(x[:, part], dt[:, part], A, B[:, part], C[:, part], s0 if i == 0 else None)
+        torch.testing.assert_close(y_packed[:, part], y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final_packed, state, rtol=1e-12, atol=1e-12)

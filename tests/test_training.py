@@ -190,3 +190,12 @@ def test_the_bundled_model_ships_the_current_model_code():
         "the bundled model's remote code is stale:\n  " + "\n  ".join(problems) + "\nrefresh it (weights untouched) "
         "with: python -m hub_upload.refresh_code checkpoints/itera-lite-tinystories"
     )
+
+
+@pytest.mark.parametrize("flag,boundaries", [([], True), (["--packing_boundaries", "false"], False)], ids=["on", "off"])
+def test_packing_boundaries_flag_picks_the_collator(story_files, tmp_path, flag, boundaries):
+    args, _ = pretrain.parse_args(smoke_args(story_files, tmp_path / "out", *flag))
+    tokenizer = train_tokenizer(["the cat ran", "the dog sat"] * 20, vocab_size=300)
+    batch = pretrain.collator_for(args, tokenizer)([{"input_ids": [1, 5, 2, 1, 6, 2]}])
+    assert ("seq_idx" in batch) == boundaries
+    assert batch["labels"][0].tolist() == ([-100, 5, 2, -100, 6, 2] if boundaries else [1, 5, 2, 1, 6, 2])

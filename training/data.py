@@ -6,6 +6,10 @@ folder of such files, or a Hub dataset name such as `roneneldan/TinyStories` (ne
 Each document becomes `<s> tokens </s>`; documents are concatenated and cut into blocks of `block_size` tokens,
 so no token is lost except the tail shorter than one block. The packed blocks are saved under `cache_dir`, keyed by
 the data, the tokenizer and the block size, so that a second run does not tokenize again.
+
+`PackedDocumentsCollator` batches the blocks with their document boundaries: `seq_idx` (each `<s>` starts a new
+document, where the model resets its state) and a label of -100 at each `<s>`, so that no document is predicted from
+the one before it, as transformers' `DataCollatorWithFlattening(return_seq_idx=True)` does for unpacked documents.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
 DOC_SEPARATOR = "<|endoftext|>"
+IGNORE_INDEX = -100  # the label the loss skips (transformers' and torch's cross-entropy default)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
@@ -109,3 +115,25 @@ def tokenize_and_pack(
     if cached is not None:
         blocks.save_to_disk(str(cached))
     return blocks
+
+
+class PackedDocumentsCollator:
+    """Batches of packed blocks `{"input_ids": [...]}` for a causal LM that keeps the documents inside a block apart.
+
+    Returns `input_ids` (b, l), `labels` (the ids, -100 at each `<s>`: a document's first token is not predicted from
+    the previous document) and `seq_idx` (b, l) int32, the number of `<s>` up to each position: the document index
+    that `IteraLiteForCausalLM` resets its state and conv window at. A block that starts inside a document gives that
+    document index 0; the tokens before it in the document are out of reach, as without boundaries.
+    """
+
+    def __init__(self, bos_token_id: int):
+        self.bos_token_id = bos_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([list(f["input_ids"]) for f in features], dtype=torch.long)  # (b, l)
+        starts = ids == self.bos_token_id
+        return {
+            "input_ids": ids,
+            "labels": ids.masked_fill(starts, IGNORE_INDEX),
+            "seq_idx": starts.cumsum(1, dtype=torch.int32),
+        }

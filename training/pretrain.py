@@ -70,6 +70,10 @@ class ScriptArguments:
     vocab_size: int = 8192
     block_size: int = 256
     max_eval_blocks: int | None = field(default=None, metadata={"help": "Blocks for evaluation during training."})
+    packing_boundaries: bool = field(
+        default=True,
+        metadata={"help": "Reset the SSM state and conv at each document start inside a packed block (itera only)."},
+    )
     time_budget: float | None = field(
         default=None, metadata={"help": "Stop (and checkpoint) after this many seconds of training."}
     )
@@ -276,6 +280,15 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def collator_for(args: ScriptArguments, tokenizer):
+    """Batches that keep the packed documents apart (`--packing_boundaries`, Itera-Lite), or plain packed blocks."""
+    if args.packing_boundaries and args.arch == "itera":
+        return data.PackedDocumentsCollator(tokenizer.bos_token_id)
+    if args.packing_boundaries:
+        logger.warning("--packing_boundaries: --arch %s trains on packed blocks without boundaries", args.arch)
+    return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+
+
 def steps_for_budget(model, args: ScriptArguments, training_args: TrainingArguments, vocab: int) -> int:
     """Optimizer steps that fit in `time_budget`, from the timed cost of a few forward+backward passes, so the
     learning-rate schedule ends when the budget does."""
@@ -332,7 +345,7 @@ def train(args: ScriptArguments, training_args: TrainingArguments) -> dict:
             args=training_args,
             train_dataset=train_blocks,
             eval_dataset=eval_during,
-            data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
+            data_collator=collator_for(args, tokenizer),
             processing_class=tokenizer,
             callbacks=callbacks,
         )

@@ -14,6 +14,11 @@ One definition of the discretised recurrence, per head, with a scalar decay per 
 It has two evaluation orders: `ssd_step`, the recurrence itself (decoding, and the sequential reference
 `ssd_sequential` that the tests trust), and `ssd_chunked`, the same sum regrouped into a few batched matmuls per
 chunk (training and prefill). Both take and return the state, so a prompt can be continued from a cache.
+
+Packed documents (padding-free training): both also take `seq_idx` (b, l), the document index of each position, as
+transformers' `DataCollatorWithFlattening(return_seq_idx=True)` gives it. Where it changes, a new document starts and
+the state before it is dropped, i.e. the decay across the boundary is exp(-inf) = 0; the first document continues
+from `initial_state`. The causal conv likewise does not look back across a boundary.
 """
 
 from __future__ import annotations
@@ -63,6 +68,13 @@ def ssd_step(
     return y, flat.view(b, h, p, n)
 
 
+def segment_ids(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Document index per position counted from 0, whatever the numbering of `seq_idx`: a new document starts
+    wherever the index changes. (b, l) -> (b, l) int64, non-decreasing along l."""
+    starts = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return F.pad(starts.long().cumsum(-1), (1, 0))
+
+
 def ssd_sequential(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -70,33 +82,44 @@ def ssd_sequential(
     B: torch.Tensor,
     C: torch.Tensor,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: the recurrence as a plain loop over time. Obviously right, and O(l) Python steps: tests only.
 
     Args:
         x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, n); initial_state: (b, h, p, n) or None (zeros).
+        seq_idx: (b, l) document index per position, or None (one document). Where it changes, the state is reset
+            to zero before the step.
 
     Returns:
-        y: (b, l, h, p) and the final state (b, h, p, n).
+        y: (b, l, h, p) and the final state (b, h, p, n) (that of the last document).
     """
     b, l, h, p = x.shape
     state = initial_state if initial_state is not None else x.new_zeros(b, h, p, B.shape[-1])
     ys = []
     for t in range(l):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)  # (b,)
+            state = state * keep[:, None, None, None]
         y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
         ys.append(y)
     return torch.stack(ys, dim=1), state
 
 
-def segment_sum(a_cumsum: torch.Tensor) -> torch.Tensor:
+def segment_sum(a_cumsum: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
     """out[..., i, j] = a[j+1] + ... + a[i] for j <= i, and -inf above the diagonal: (..., T) -> (..., T, T).
 
     Takes the cumulative sum of `a`. The difference of two cumulative sums loses ~1e-7 of |cumsum| to rounding in
     fp32, i.e. a relative error of ~1e-5 on the decay after a chunk of strong decay: well below the model's noise,
     and one op instead of the three of a masked cumsum. Masking before exp keeps the gradient finite.
+
+    `segment` (..., T), the document index of each position (non-decreasing): a sum that crosses a document start
+    (segment[i] != segment[j]) is -inf too, the log of the zero decay at a reset.
     """
     T = a_cumsum.shape[-1]
     lower = torch.ones(T, T, dtype=torch.bool, device=a_cumsum.device).tril()
+    if segment is not None:
+        lower = lower & (segment[..., :, None] == segment[..., None, :])
     return (a_cumsum[..., :, None] - a_cumsum[..., None, :]).masked_fill(~lower, -math.inf)
 
 
@@ -108,42 +131,57 @@ def ssd_chunked(
     C: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence evaluated chunk by chunk with batched matmuls (Mamba-2 paper, listing 1). No loop over time.
 
     Same arguments and results as `ssd_sequential`, plus `chunk_size`; any length works (the tail is padded with
-    Δ = 0, which neither decays nor feeds the state).
+    Δ = 0, which neither decays nor feeds the state). With `seq_idx`, each of the four steps below masks the decays
+    that cross a document start, inside a chunk or between chunks (`segment_sum` with the document index).
     """
     b, l, h, p = x.shape
     pad = (-l) % chunk_size
+    seg = segment_ids(seq_idx) if seq_idx is not None else None
     if pad:
         x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
+        if seg is not None:  # the tail joins the last document, which the final state then still carries
+            seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
     c, q = (l + pad) // chunk_size, chunk_size
     # Layout (b, c, h, q, .): heads before positions, so every product below is a plain batched matmul.
     x_dt = (x * dt[..., None]).view(b, c, q, h, p).transpose(2, 3)  # (b, c, h, q, p), the input Δ·x of each step
     B, C = B.view(b, c, 1, q, -1), C.view(b, c, 1, q, -1)  # shared by the heads
     a_cumsum = log_decay(dt, A).view(b, c, q, h).transpose(2, 3).cumsum(dim=-1)  # (b, c, h, q)
 
+    # The document index per position (b, c, 1, q) and at the end of each chunk (b, 1, c+1), 0 before the first
+    # position: the initial state belongs to the first document. All None without seq_idx.
+    seg_q = seg.view(b, c, 1, q) if seg is not None else None
+    seg_ends = F.pad(seg_q[..., -1].transpose(1, 2), (1, 0)) if seg is not None else None
+
     # 1. Within each chunk: a causal, decay-weighted "attention" C_i·B_j · exp(a_{j+1} + ... + a_i).
-    scores = (C @ B.transpose(-1, -2)) * torch.exp(segment_sum(a_cumsum))  # (b, c, h, q, q)
+    scores = (C @ B.transpose(-1, -2)) * torch.exp(segment_sum(a_cumsum, seg_q))  # (b, c, h, q, q)
     y = scores @ x_dt  # (b, c, h, q, p)
 
-    # 2. The state each chunk leaves at its end, on its own input.
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)[..., None]  # (b, c, h, q, 1)
-    chunk_states = x_dt.transpose(-1, -2) @ (B * decay_to_end)  # (b, c, h, p, n)
+    # 2. The state each chunk leaves at its end, on its own input (of its last document only).
+    log_decay_to_end = a_cumsum[..., -1:] - a_cumsum  # (b, c, h, q)
+    if seg is not None:
+        log_decay_to_end = log_decay_to_end.masked_fill(seg_q != seg_q[..., -1:], -math.inf)
+    chunk_states = x_dt.transpose(-1, -2) @ (B * torch.exp(log_decay_to_end)[..., None])  # (b, c, h, p, n)
 
     # 3. Carry the states across chunks: a recurrence over the c chunks, written as one matmul.
     if initial_state is None:
         initial_state = x.new_zeros(b, h, p, B.shape[-1])
     states = torch.cat([initial_state[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
     chunk_ends = F.pad(a_cumsum[..., -1].transpose(1, 2), (1, 0)).cumsum(-1)  # (b, h, c+1): log decay to chunk ends
-    chunk_decay = torch.exp(segment_sum(chunk_ends))  # (b, h, c+1, c+1)
+    chunk_decay = torch.exp(segment_sum(chunk_ends, seg_ends))  # (b, h, c+1, c+1)
     states = (chunk_decay @ states.transpose(1, 2).flatten(3)).view(b, h, c + 1, p, -1).transpose(1, 2)
     states, final_state = states[:, :-1], states[:, -1].contiguous()  # entering each chunk; after the last
 
-    # 4. What the carried-in state adds at each position of its chunk.
-    y = y + (C @ states.transpose(-1, -2)) * torch.exp(a_cumsum)[..., None]  # (b, c, h, q, p)
+    # 4. What the carried-in state adds at each position of its chunk (none after a document start in the chunk).
+    log_decay_in = a_cumsum
+    if seg is not None:
+        log_decay_in = a_cumsum.masked_fill(seg_q != seg_ends[:, 0, :-1, None, None], -math.inf)
+    y = y + (C @ states.transpose(-1, -2)) * torch.exp(log_decay_in)[..., None]  # (b, c, h, q, p)
     return y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l], final_state
 
 
@@ -193,12 +231,14 @@ class IteraLiteMixer(nn.Module):
         self.norm = RMSNormGated(self.d_inner, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
 
-    def causal_conv(self, xBC: torch.Tensor, cache=None) -> torch.Tensor:
+    def causal_conv(self, xBC: torch.Tensor, cache=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Depthwise causal conv + SiLU, for prefill and decode alike. (b, l, conv_dim) -> (b, l, conv_dim).
 
         Without a cache the window is left-padded with K-1 zeros; with one, the cache hands back its last K inputs
         followed by the new ones, so the first new output sees the true left context. The conv is K shifted
-        multiply-adds: on CPU, 3-5x faster than `F.conv1d` for a depthwise kernel, forward and backward.
+        multiply-adds: on CPU, 3-5x faster than `F.conv1d` for a depthwise kernel, forward and backward. With
+        `seq_idx` (b, l), a tap that reaches back into an earlier document reads zero, as at the start of a sequence
+        (the left context, cached or padded, belongs to the first document).
         """
         l, K = xBC.shape[1], self.conv_kernel
         if cache is not None:  # the cache keeps (b, conv_dim, K), the layout of transformers' own SSM models
@@ -207,13 +247,26 @@ class IteraLiteMixer(nn.Module):
             xBC = F.pad(xBC, (0, 0, l + K - 1 - xBC.shape[1], 0))
         window = xBC[:, -(l + K - 1) :]  # (b, l+K-1, conv_dim)
         weight = self.conv1d.weight[:, 0]  # (conv_dim, K)
-        out = self.conv1d.bias + window[:, :l] * weight[:, 0]
-        for k in range(1, K):
-            out = out + window[:, k : k + l] * weight[:, k]
+        seg = segment_ids(seq_idx) if seq_idx is not None else None
+        seg_window = F.pad(seg, (K - 1, 0)) if seg is not None else None  # (b, l+K-1): the left context is doc 0
+        out = self.conv1d.bias
+        for k in range(K):
+            tap = window[:, k : k + l]  # (b, l, conv_dim), the input k-K+1 steps back
+            if seg is not None:
+                tap = tap * (seg_window[:, k : k + l] == seg)[..., None].to(tap.dtype)
+            out = out + tap * weight[:, k]
         return F.silu(out)
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
-        """(b, l, d) -> (b, l, d). `attention_mask` (b, >= l), 1 for tokens and 0 for (left) padding.
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ):
+        """(b, l, d) -> (b, l, d). `attention_mask` (b, >= l), 1 for tokens and 0 for (left) padding; `seq_idx`
+        (b, l), the document index of each position of packed documents (the conv and the state reset where it
+        changes), or None.
 
         One definition for every length: decoding a token is this forward at l = 1. Only the conv window (from the
         cache or zero padding) and the scan order (`scan`) depend on whether a previous state exists.
@@ -227,7 +280,7 @@ class IteraLiteMixer(nn.Module):
             # generate() passes the whole 2-D mask at every step; this call covers only its last l columns.
             mask = attention_mask[:, -l:, None].to(xBC.dtype)  # (b, l, 1)
             xBC = xBC * mask  # padding must not reach the conv window of the real tokens that follow it
-        xBC = self.causal_conv(xBC, cache)  # (b, l, conv_dim)
+        xBC = self.causal_conv(xBC, cache, seq_idx)  # (b, l, conv_dim)
         if mask is not None:
             xBC = xBC * mask  # and must not feed the state: x = B = 0 there
         x, B, C = xBC.split([self.d_inner, self.state_size, self.state_size], dim=-1)
@@ -237,16 +290,17 @@ class IteraLiteMixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run the scan's matmuls in bf16
-            y = self.scan(x, dt, A, B.float(), C.float(), cache)
+            y = self.scan(x, dt, A, B.float(), C.float(), cache, seq_idx)
         y = y + x * self.D.float()[:, None]  # skip connection, per head
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
         return self.out_proj(y)
 
-    def scan(self, x, dt, A, B, C, cache=None) -> torch.Tensor:
+    def scan(self, x, dt, A, B, C, cache=None, seq_idx=None) -> torch.Tensor:
         """The SSD scan from this layer's cached state (zeros without one), updating the cache. Shapes as in
         `ssd_chunked`; returns y (b, l, h, p).
 
-        One new token after a cached state is one `ssd_step` (the decode step), any other length the chunked form.
+        One new token after a cached state is one `ssd_step` (the decode step), any other length the chunked form (one
+        position has no document boundary, so the decode step ignores `seq_idx`).
         Without autograd the decode step updates the cached state in place: at batch 32 that is 10x faster than
         building a new state and copying it back, the state being the largest tensor of the step.
         """
@@ -260,7 +314,7 @@ class IteraLiteMixer(nn.Module):
             if inplace:
                 return y
         else:
-            y, state_after = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=state)
+            y, state_after = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=state, seq_idx=seq_idx)
         if cache is not None:
             cache.update_recurrent_state(state_after, self.layer_idx)
         return y
