@@ -1,8 +1,9 @@
 """Serve Itera-Lite over HTTP: `python -m serve --model FOLDER_OR_HUB_ID [--port 8000]`.
 
-OpenAI-style `POST /v1/completions` (set `stream: true` for server-sent events), `GET /v1/models`, `GET /health`
-and `GET /metrics` (Prometheus). It listens on 127.0.0.1 unless `--host` says otherwise: put a proxy with
-authentication in front of it before exposing it, the server itself has none.
+OpenAI-style `POST /v1/completions` and `/v1/chat/completions` (set `stream: true` for server-sent events),
+`GET /v1/models`, `POST /tokenize` and `/detokenize`, `GET /health` and `GET /metrics` (Prometheus). It listens
+on 127.0.0.1 unless `--host` says otherwise: put a proxy with authentication in front of it before exposing it,
+the server itself has none.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -83,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="compile the batched decode step (torch.compile; ~20-40 s at the first request of each batch size)",
     )
+    parser.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        help="a Jinja chat template file for /v1/chat/completions (default: the tokenizer's, else a story template)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load(args.model, args.dtype, args.load_in_4bit, args.trust_remote_code)
+        template = args.chat_template.read_text() if args.chat_template else None
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout=args.request_timeout,
     )
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
-    app = create_app(model, tokenizer, limits, model_name=name, compile=args.compile)
+    app = create_app(model, tokenizer, limits, model_name=name, compile=args.compile, chat_template=template)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )

@@ -1,5 +1,6 @@
-"""The HTTP API: OpenAI-style `POST /v1/completions` (plain and server-sent events), `GET /v1/models`,
-`GET /health` and `GET /metrics`, in front of one `Engine`.
+"""The HTTP API: OpenAI-style `POST /v1/completions` and `/v1/chat/completions` (plain and server-sent events),
+`GET /v1/models`, vLLM-style `POST /tokenize` and `/detokenize`, `GET /health` and `GET /metrics`, in front of
+one `Engine`.
 
 Handlers never run the model: they validate, tokenize, hand a `Job` to the engine thread and await its events on
 an asyncio queue, so many requests wait at once without blocking the event loop. Every error is a JSON body in
@@ -21,17 +22,29 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from .chat import ChatChoices, chat_prompt
 from .engine import Delta, Done, Engine, EngineStopped, Failed, Finished, Job, Limits, PromptScored, QueueFull
 from .logprobs import Logprobs
 from .metrics import CONTENT_TYPE, Metrics
 from .sampling import Penalties, SamplingParams
-from .schemas import DEFAULT_MAX_TOKENS, BadRequest, CompletionRequest, parse
+from .schemas import (
+    DEFAULT_MAX_TOKENS,
+    BadRequest,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Message,
+    Sampling,
+    TokenizeRequest,
+    parse,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a request body above 1 MiB is refused before it is parsed (413)
 EVENT_GRACE_S = 5.0  # how long past a request's deadline a handler waits for the engine before giving up itself
-PATHS = ("/v1/completions", "/v1/models", "/health", "/metrics")  # metric labels; anything else counts as "other"
+# metric labels; anything else counts as "other"
+PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/metrics")
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, **kw):
@@ -75,9 +88,17 @@ async def read_json(request: Request):
         raise BadRequest(f"the request body is not valid JSON: {err}") from None
 
 
-def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite", compile: bool = False) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    limits: Limits,
+    model_name: str = "itera-lite",
+    compile: bool = False,
+    chat_template: str | None = None,
+) -> FastAPI:
     """The web app around a new engine for `model`; the engine thread starts and stops with the app.
-    `compile` runs the engine's batched decode step compiled."""
+    `compile` runs the engine's batched decode step compiled; `chat_template` (Jinja) replaces the tokenizer's
+    (or, where it has none, `chat.STORY_TEMPLATE`)."""
     engine = Engine(model, tokenizer, limits, compile=compile)
     metrics = engine.metrics
     metrics.gauges = {
@@ -119,6 +140,25 @@ def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite",
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "itera-lite"}
         return {"object": "list", "data": [card]}
 
+    def check_length(prompts: list[list[int]], param: str) -> None:
+        longest = max(len(ids) for ids in prompts)
+        if longest > limits.max_prompt_tokens:
+            msg = f"the prompt is {longest} tokens long, above this server's limit of {limits.max_prompt_tokens}"
+            raise BadRequest(msg, param)
+
+    async def run(request: Request, req: Sampling, job: Job, events: asyncio.Queue, out, head: dict):
+        """Submits the job; answers with the whole result, or streams it."""
+        try:
+            engine.submit(job)
+        except QueueFull as err:
+            return error(429, str(err), "rate_limit_exceeded", headers={"Retry-After": "1"})
+        except EngineStopped as err:
+            return error(503, str(err), "server_error")
+        if req.stream:
+            stream = sse(engine, job, events, out, head, req.include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await collect(request, engine, job, events, out, head)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
@@ -126,52 +166,86 @@ def create_app(model, tokenizer, limits: Limits, model_name: str = "itera-lite",
             req.check(limits)
             req.check_ids(len(tokenizer))
             prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
-            longest = max(len(ids) for ids in prompts)
-            if longest > limits.max_prompt_tokens:
-                msg = f"the prompt is {longest} tokens long, above this server's limit of {limits.max_prompt_tokens}"
-                raise BadRequest(msg, "prompt")
+            check_length(prompts, "prompt")
         except BadRequest as err:
             return error(400, err.message, param=err.param)
-
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(
-            prompts=prompts,
-            sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            max_tokens=min(DEFAULT_MAX_TOKENS, limits.max_new_tokens) if req.max_tokens is None else req.max_tokens,
-            sampling=SamplingParams(
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k or 0,
-            ),
-            stop=req.stops,
-            n=req.n or 1,
-            seed=req.seed,
-            ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs,
-            prompt_logprobs=req.echo and req.logprobs is not None,
-            penalties=Penalties(
-                frequency=req.frequency_penalty or 0.0,
-                presence=req.presence_penalty or 0.0,
-                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
-            ),
-        )
-        try:
-            engine.submit(job)
-        except QueueFull as err:
-            return error(429, str(err), "rate_limit_exceeded", headers={"Retry-After": "1"})
-        except EngineStopped as err:
-            return error(503, str(err), "server_error")
+        events, job = new_job(req, prompts, limits)
+        job.logprobs, job.prompt_logprobs = req.logprobs, req.echo and req.logprobs is not None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = model_name
         texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in req.prompts]
-        out = Choices(tokenizer, job, req, texts, prompts)
+        return await run(request, req, job, events, Choices(tokenizer, job, req, texts, prompts), head)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            req = parse(await read_json(request), ChatRequest)
+            req.check(limits)
+            req.check_bias(len(tokenizer))
+            prompt = conversation(req.messages)
+            check_length([prompt], "messages")
+        except BadRequest as err:
+            return error(400, err.message, param=err.param)
+        events, job = new_job(req, [prompt], limits)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time())}
+        head["model"] = model_name
         if req.stream:
-            include_usage = req.stream_options is not None and req.stream_options.include_usage
-            stream = sse(engine, job, events, out, head, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await collect(request, engine, job, events, out, head)
+            head["object"] = "chat.completion.chunk"
+        return await run(request, req, job, events, ChatChoices(job), head)
+
+    def conversation(messages: list[Message]) -> list[int]:
+        return chat_prompt(tokenizer, [m.model_dump(exclude_none=True) for m in messages], chat_template)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            req = parse(await read_json(request), TokenizeRequest)
+            if (req.prompt is None) == (req.messages is None):
+                raise BadRequest("give exactly one of prompt and messages", "prompt")
+            if req.prompt is not None:
+                ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            else:
+                ids = conversation(req.messages)
+        except BadRequest as err:
+            return error(400, err.message, param=err.param)
+        return {"count": len(ids), "max_model_len": limits.max_prompt_tokens, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            req = parse(await read_json(request), DetokenizeRequest)
+            if not all(0 <= t < len(tokenizer) for t in req.tokens):
+                raise BadRequest(f"tokens: token ids must lie in [0, {len(tokenizer)})", "tokens")
+        except BadRequest as err:
+            return error(400, err.message, param=err.param)
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     return app
+
+
+def new_job(req: Sampling, prompts: list[list[int]], limits: Limits) -> tuple[asyncio.Queue, Job]:
+    """The job for a request's prompts (token ids), and the queue that its engine events arrive on."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    job = Job(
+        prompts=prompts,
+        sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        max_tokens=min(DEFAULT_MAX_TOKENS, limits.max_new_tokens) if req.max_tokens is None else req.max_tokens,
+        sampling=SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+        ),
+        stop=req.stops,
+        n=req.n or 1,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+        penalties=Penalties(
+            frequency=req.frequency_penalty or 0.0,
+            presence=req.presence_penalty or 0.0,
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        ),
+    )
+    return events, job
 
 
 async def next_event(job: Job, events: asyncio.Queue):
@@ -238,7 +312,7 @@ async def cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> No
     engine.cancel(job)
 
 
-async def collect(request: Request, engine: Engine, job: Job, events: asyncio.Queue, out: Choices, head):
+async def collect(request: Request, engine: Engine, job: Job, events: asyncio.Queue, out, head: dict):
     """The whole completion as one JSON response."""
     out.echoed()
     watcher = asyncio.create_task(cancel_on_disconnect(request, engine, job))
@@ -253,7 +327,7 @@ async def collect(request: Request, engine: Engine, job: Job, events: asyncio.Qu
     return JSONResponse(head | {"choices": out.whole(), "usage": usage(event)})
 
 
-async def sse(engine: Engine, job: Job, events: asyncio.Queue, out: Choices, head: dict, include_usage: bool):
+async def sse(engine: Engine, job: Job, events: asyncio.Queue, out, head: dict, include_usage: bool):
     """Server-sent events: a `data: {chunk}` per piece of text, one with each choice's finish_reason, then
     `data: [DONE]`. An error after the stream started arrives as `data: {"error": ...}`, as OpenAI sends it."""
 

@@ -1,4 +1,5 @@
-"""The request body of `POST /v1/completions`, as in OpenAI's completions API, and what is wrong with a bad one.
+"""The request bodies of `POST /v1/completions` and `/v1/chat/completions`, as in OpenAI's API, of `/tokenize`
+and `/detokenize` (as in vLLM), and what is wrong with a bad one.
 
 Validation is strict (a string is not a number, unknown fields are refused, as OpenAI refuses them) so that a typo
 gets a 400 that names the field instead of a silently ignored setting. OpenAI fields that this server does not
@@ -7,7 +8,7 @@ implement (suffix, best_of > n) are accepted only at their neutral values.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -32,10 +33,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class Sampling(BaseModel):
+    """The fields that completions and chat completions share: length, sampling, stops, penalties, streaming."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: Any  # a string, a list of strings, a list of token ids, or a list of such lists (checked below)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     temperature: float | None = Field(None, ge=0, le=2)
@@ -47,26 +49,10 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
     user: str | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and all(is_id(t) for t in value):
-            return [value]  # one prompt of token ids
-        prompts = [value] if isinstance(value, str) else value
-        if not isinstance(prompts, list) or not prompts or not all(is_prompt(p) for p in prompts):
-            raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of token ids")
-        if any(not p or (isinstance(p, str) and not p.strip()) for p in prompts):
-            raise ValueError("must not be empty: give some text to continue")
-        return prompts
 
     @field_validator("logit_bias")
     @classmethod
@@ -91,27 +77,59 @@ class CompletionRequest(BaseModel):
         return value
 
     @property
-    def prompts(self) -> list[str | list[int]]:
-        """Each prompt: a string to tokenize, or token ids to use as they are."""
-        return self.prompt
-
-    @property
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
 
-    def check(self, limits: Limits) -> None:
-        """Raises `BadRequest` for what the types alone cannot say: server limits and unsupported features."""
-        if self.max_tokens == 0 and not self.echo:
-            raise BadRequest("max_tokens may be 0 only with echo (to score the prompt)", "max_tokens")
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def check(self, limits: Limits, prompts: int = 1) -> None:
+        """Raises `BadRequest` for what the types alone cannot say: server limits."""
         if self.max_tokens is not None and self.max_tokens > limits.max_new_tokens:
             raise BadRequest(
                 f"max_tokens is {self.max_tokens}, above this server's limit of {limits.max_new_tokens}", "max_tokens"
             )
-        slots = len(self.prompts) * (self.n or 1)
+        slots = prompts * (self.n or 1)
         if slots > limits.max_batch_size:
             raise BadRequest(
                 f"this request needs {slots} sequences (prompts x n), above the server's {limits.max_batch_size}", "n"
             )
+
+    def check_bias(self, vocab_size: int) -> None:
+        if any(int(k) >= vocab_size for k in self.logit_bias or {}):
+            raise BadRequest(f"logit_bias: token ids must lie in [0, {vocab_size})", "logit_bias")
+
+
+class CompletionRequest(Sampling):
+    prompt: Any  # a string, a list of strings, a list of token ids, or a list of such lists (checked below)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(is_id(t) for t in value):
+            return [value]  # one prompt of token ids
+        prompts = [value] if isinstance(value, str) else value
+        if not isinstance(prompts, list) or not prompts or not all(is_prompt(p) for p in prompts):
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of token ids")
+        if any(not p or (isinstance(p, str) and not p.strip()) for p in prompts):
+            raise ValueError("must not be empty: give some text to continue")
+        return prompts
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string to tokenize, or token ids to use as they are."""
+        return self.prompt
+
+    def check(self, limits: Limits, prompts: int = 1) -> None:
+        """Raises `BadRequest` for what the types alone cannot say: server limits and unsupported features."""
+        if self.max_tokens == 0 and not self.echo:
+            raise BadRequest("max_tokens may be 0 only with echo (to score the prompt)", "max_tokens")
+        super().check(limits, len(self.prompts))
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise BadRequest("best_of is not supported (only best_of == n)", "best_of")
         if self.suffix is not None:
@@ -122,8 +140,55 @@ class CompletionRequest(BaseModel):
         for p in self.prompts:
             if not isinstance(p, str) and not all(0 <= t < vocab_size for t in p):
                 raise BadRequest(f"prompt: token ids must lie in [0, {vocab_size})", "prompt")
-        if any(int(k) >= vocab_size for k in self.logit_bias or {}):
-            raise BadRequest(f"logit_bias: token ids must lie in [0, {vocab_size})", "logit_bias")
+        self.check_bias(vocab_size)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        """OpenAI's list of content parts, text parts only, joined."""
+        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+            return "".join(str(p.get("text", "")) for p in value)
+        return value
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def check(self, limits: Limits, prompts: int = 1) -> None:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.max_tokens == 0:
+            raise BadRequest("max_tokens must be at least 1", "max_tokens")
+        super().check(limits)
+        if self.logprobs or self.top_logprobs is not None:
+            raise BadRequest("logprobs are not supported for chat completions (use /v1/completions)", "logprobs")
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def is_id(value: Any) -> bool:
@@ -134,10 +199,10 @@ def is_prompt(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(is_id(t) for t in value))
 
 
-def parse(body: Any) -> CompletionRequest:
+def parse(body: Any, kind: type[BaseModel] = CompletionRequest) -> BaseModel:
     """The validated request, or `BadRequest` naming every wrong field."""
     try:
-        return CompletionRequest.model_validate(body)
+        return kind.model_validate(body)
     except ValidationError as err:
         problems, params = [], []
         for e in err.errors(include_url=False):
