@@ -165,7 +165,7 @@ def create_app(
             req = parse(await read_json(request))
             req.check(limits)
             req.check_ids(len(tokenizer))
-            prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
+            prompts = [encode(tokenizer, p) if isinstance(p, str) else p for p in req.prompts]
             check_length(prompts, "prompt")
         except BadRequest as err:
             return error(400, err.message, param=err.param)
@@ -221,6 +221,16 @@ def create_app(
         return {"prompt": tokenizer.decode(req.tokens)}
 
     return app
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """The text's token ids with the tokenizer's special tokens, but one `<s>` only where the text already starts
+    with it (as lm-eval's local-completions sends decoded `<s>` + story): each story is scored after exactly one."""
+    ids = tokenizer.encode(text)
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos] and text.startswith(tokenizer.bos_token):
+        return ids[1:]
+    return ids
 
 
 def new_job(req: Sampling, prompts: list[list[int]], limits: Limits) -> tuple[asyncio.Queue, Job]:

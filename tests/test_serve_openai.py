@@ -171,3 +171,10 @@ def test_the_exact_json_of_a_streamed_chunk_with_logprobs(url):
     [choice] = chunk["choices"]
     assert set(choice) == {"text", "index", "logprobs", "finish_reason"}
     assert set(choice["logprobs"]) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+
+
+def test_a_text_prompt_that_starts_with_bos_gets_no_second_one(url, tokenizer):
+    """lm-eval's local-completions sends the decoded `<s>` + story: the story is still scored after one `<s>`."""
+    once = complete(url, prompt="<s>The dog", max_tokens=0, echo=True, logprobs=0)
+    assert once["usage"]["prompt_tokens"] == len(tokenizer.encode("The dog"))
+    assert once["choices"][0]["logprobs"]["tokens"][:2] == ["<s>", "The"]
