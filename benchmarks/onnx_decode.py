@@ -6,7 +6,8 @@
 The model is the bundled checkpoint (the tiny preset trained on TinyStories), exported here with
 `modeling_itera.export` (or `--onnx DIR`, an fp32 export, to skip that). Greedy generation after a 16-token prompt,
 no eos stop: tokens/s at batch 1 (256 new tokens) and batch 32 (64 new tokens, aggregate), timed in interleaved
-rounds, best of 2 after a warm-up, as in `benchmarks.decode`. PyTorch compiled is `generate(...,
+rounds, best of 2 after a warm-up, as in `benchmarks.decode`, beside the same-shape Llama of `benchmarks.decode`
+(eager, random weights). PyTorch compiled is `generate(...,
 compile_config=CompileConfig(fullgraph=True))`. Perplexity: teacher-forced on the first rows of the validation text,
 through the ONNX decode graph (fp32 and int8) and the PyTorch forward.
 """
@@ -23,14 +24,14 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, CompileConfig
 
-from benchmarks.peers import machine, save
+from benchmarks.peers import build, machine, save
 from modeling_itera import IteraLiteForCausalLM, defaults
 from modeling_itera.export import export, quantize_export
 from modeling_itera.onnx_runtime import IteraOnnxModel
 
 PROMPT = 16
 ORT_THREADS = {1: 1, 32: None}  # onnxruntime intra-op threads per batch size (None: onnxruntime's default)
-VALID_TEXT = Path("/work/shared/data/tinystories/valid.txt")
+VALID_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "valid.txt"
 
 
 def torch_run(model, batch: int, new_tokens: int, compiled: bool):
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = IteraLiteForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         onnx_models = {"onnx-fp32": IteraOnnxModel(fp32_dir), "onnx-int8": IteraOnnxModel(int8_dir)}
+        llama = build("llama")  # the same-shape peer of benchmarks.decode (random weights: speed only)
 
         result = {"machine": machine(), "model": args.model, "torch_threads": torch.get_num_threads()}
         result["export_and_quantize_s"] = export_s
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs = {
                 "torch-eager": torch_run(model, batch, tokens, compiled=False),
                 "torch-compiled": torch_run(model, batch, tokens, compiled=True),
+                "llama-eager": torch_run(llama, batch, tokens, compiled=False),
                 **{name: onnx_run(m, batch, tokens) for name, m in sessions.items()},
             }
             result[f"batch_{batch}"] = interleaved_tps(runs, batch * tokens, repeats=1 if args.quick else 2)
