@@ -340,11 +340,11 @@ class Engine:
         if job.first_token_at is None:
             job.first_token_at = time.monotonic()
             self.metrics.first_token_after(job.first_token_at - job.arrived)
+        if logprob is not None:  # EOS too (as OpenAI and vLLM list it): lm-eval drops the last entry as generated
+            seq.pending.append(logprob)
         if token in self.eos and not job.ignore_eos:
             return self._finish(seq, "stop", seq.text.finish())
         seq.last = token
-        if logprob is not None:  # EOS is not part of the text, so it has no logprob entry either
-            seq.pending.append(logprob)
         delta = seq.text.add(token)
         if seq.text.stopped:
             return self._finish(seq, "stop", delta)

@@ -178,3 +178,12 @@ def test_a_text_prompt_that_starts_with_bos_gets_no_second_one(url, tokenizer):
     once = complete(url, prompt="<s>The dog", max_tokens=0, echo=True, logprobs=0)
     assert once["usage"]["prompt_tokens"] == len(tokenizer.encode("The dog"))
     assert once["choices"][0]["logprobs"]["tokens"][:2] == ["<s>", "The"]
+
+
+def test_a_generated_eos_has_its_logprob_entry(url, tokenizer):
+    """lm-eval takes the last entry as the generated token: an EOS must be listed, or a prompt token is lost."""
+    eos = tokenizer.eos_token_id
+    body = complete(url, prompt=[1, 40, 41], max_tokens=4, logprobs=0, logit_bias={str(eos): 100})
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "stop" and choice["text"] == "" and body["usage"]["completion_tokens"] == 1
+    assert choice["logprobs"]["tokens"] == ["</s>"] and len(choice["logprobs"]["token_logprobs"]) == 1
