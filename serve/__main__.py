@@ -75,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds from arrival to the last token; beyond it the server answers 504",
     )
     parser.add_argument(
+        "--state-cache-bytes",
+        "--state_cache_bytes",
+        type=int,
+        default=defaults.state_cache_bytes,
+        help="byte budget of the prefix cache of prompt-end states (0: off)",
+    )
+    parser.add_argument(
         "--threads",
         type=positive(int),
         default=None,
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         queue_size=args.queue_size,
         request_timeout=args.request_timeout,
+        state_cache_bytes=args.state_cache_bytes,
     )
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
     app = create_app(model, tokenizer, limits, model_name=name, compile=args.compile, chat_template=template)

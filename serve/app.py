@@ -104,6 +104,8 @@ def create_app(
     metrics.gauges = {
         "itera_queued_requests": ("Requests waiting for batch slots.", lambda: engine.queued),
         "itera_active_sequences": ("Sequences in the running batch.", lambda: engine.active),
+        "itera_state_cache_bytes": ("Bytes of prompt states in the prefix cache.", lambda: engine.state_cache.bytes),
+        "itera_state_cache_entries": ("Prompt states in the prefix cache.", lambda: len(engine.state_cache.entries)),
     }
 
     @asynccontextmanager

@@ -32,6 +32,7 @@ from modeling_itera.generation import compiled_decode_step
 
 from .metrics import Metrics
 from .sampling import Penalties, SamplingParams, TokenLogprob, adjust_logits, next_tokens, token_logprobs
+from .state_cache import StateCache
 from .text import TextStream
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Limits:
     max_new_tokens: int = 512
     queue_size: int = 64
     request_timeout: float = 120.0
+    state_cache_bytes: int = 64 << 20  # prefix cache of prompt-end states (0: off); ~0.6 MB each, bundled model
 
 
 # Events a job's sink receives, in order: PromptScored per prompt (if asked), Delta*, Finished per choice, then Done;
@@ -173,6 +175,7 @@ class Engine:
         self._cond = threading.Condition()
         self._active: list[Sequence] = []
         self._cache: DynamicCache | None = None
+        self.state_cache = StateCache(limits.state_cache_bytes)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -265,27 +268,16 @@ class Engine:
         try:
             seqs, caches = [], []
             for p, ids in enumerate(job.prompts):
-                ids_t = torch.tensor([ids], device=self.device)
-                out = self.model(
-                    ids_t,
-                    cache=DynamicCache(config=self.model.config),
-                    use_cache=True,
-                    logits_to_keep=0 if job.prompt_logprobs else 1,  # 0: every position's logits
-                )
-                self.metrics.count_prompt(len(ids))
-                if job.prompt_logprobs:
-                    scored = token_logprobs(out.logits[0, :-1], ids_t[0, 1:], job.logprobs or 0)
-                    self._send(job, PromptScored(p, [None, *scored]))
+                cache, last = self._prefill_prompt(job, p, ids)
                 rows = [self._new_sequence(job, p * job.n + i) for i in range(job.n)]
                 if job.max_tokens == 0:  # scoring only: nothing to generate, the state is not kept
                     for seq in rows:
                         self._finish(seq, "length", "")
                     continue
                 if job.n > 1:  # n copies of the prompt's state, one slot per choice
-                    out.cache.reorder_cache(torch.zeros(job.n, dtype=torch.long, device=self.device))
-                logits = out.logits[:, -1].expand(job.n, -1)
-                tokens, logprobs = self._choose(logits, rows)
-                caches.append(out.cache)
+                    cache.reorder_cache(torch.zeros(job.n, dtype=torch.long, device=self.device))
+                tokens, logprobs = self._choose(last[None].expand(job.n, -1), rows)
+                caches.append(cache)
                 seqs += zip(rows, tokens, logprobs)
         except Exception:
             logger.exception("prefill failed")
@@ -298,6 +290,28 @@ class Engine:
         for seq, token, logprob in seqs:
             self._advance(seq, token, logprob)
         self.metrics.tokens(len(seqs))
+
+    def _prefill_prompt(self, job: Job, p: int, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """One prompt's batch-1 state and (v,) last logits: from the state cache where a prefix of it is there
+        (only the rest is run), else from zero; the result goes into the cache for later prompts."""
+        start, cache, last = (0, None, None) if job.prompt_logprobs else self.state_cache.lookup(ids)
+        if not job.prompt_logprobs and self.state_cache.max_bytes:
+            self.metrics.state_lookup(hit=cache is not None)
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        if start < len(ids):
+            ids_t = torch.tensor([ids[start:]], device=self.device)
+            out = self.model(
+                ids_t, cache=cache, use_cache=True, logits_to_keep=0 if job.prompt_logprobs else 1
+            )  # logits_to_keep 0: every position's logits
+            cache, last = out.cache, out.logits[0, -1]
+            if job.prompt_logprobs:
+                scored = token_logprobs(out.logits[0, :-1], ids_t[0, 1:], job.logprobs or 0)
+                self._send(job, PromptScored(p, [None, *scored]))
+            if self.state_cache.max_bytes:
+                self.state_cache.put(ids, cache, last)
+        self.metrics.count_prompt(len(ids) - start)
+        return cache, last
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's next token (after its bias and penalties) and, where its job asks, the token's logprob

@@ -71,6 +71,7 @@ class Metrics:
         self.prompt_tokens = Counter("itera_prompt_tokens_total", "Prompt tokens prefilled.")
         self.generated_tokens = Counter("itera_generated_tokens_total", "Tokens generated (all choices).")
         self.completions = Counter("itera_completions_total", "Completion requests ended, by outcome.")
+        self.state_lookups = Counter("itera_state_cache_lookups_total", "Prefix state cache lookups, by outcome.")
         self.latency = Histogram(
             "itera_request_latency_seconds", "Completion latency, arrival to last token.", LATENCY_BUCKETS
         )
@@ -86,6 +87,10 @@ class Metrics:
     def count_prompt(self, tokens: int) -> None:
         with self._lock:
             self.prompt_tokens.inc(tokens)
+
+    def state_lookup(self, hit: bool) -> None:
+        with self._lock:
+            self.state_lookups.inc(outcome="hit" if hit else "miss")
 
     def decode_step(self, batch: int) -> None:
         with self._lock:
@@ -107,7 +112,7 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            metrics = (self.requests, self.completions, self.prompt_tokens, self.generated_tokens)
+            metrics = (self.requests, self.completions, self.prompt_tokens, self.generated_tokens, self.state_lookups)
             lines = [line for metric in metrics for line in metric.render()]
             for hist in (self.latency, self.first_token, self.batch_size):
                 lines += hist.render()

@@ -1,0 +1,78 @@
+"""The prefix cache of prompt-end states: a prompt that extends a cached one prefills only its new tokens, and
+gives the same greedy tokens as from zero (alone and under concurrency); eviction keeps the byte budget; prompts
+that differ inside the prefix never share a state."""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from transformers import DynamicCache
+
+from serve.state_cache import StateCache, state_bytes
+from tests import test_serve
+from tests.test_serve import greedy
+
+model_dir = test_serve.model_dir
+LIMITS = dict(max_batch_size=8, max_prompt_tokens=64, max_new_tokens=48, queue_size=16, request_timeout=60)
+STORY = "Once upon a time there was a little cat who liked to play"
+PROMPTS = [STORY, STORY + " in the sun.", STORY + " with a ball.", "The dog ran", "The dog ran to the park"]
+
+
+@pytest.fixture(scope="module")
+def cold_url(model_dir):
+    with test_serve.start(model_dir, state_cache_bytes=0, **LIMITS) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def warm(model_dir):
+    with test_serve.start(model_dir, **LIMITS) as server:
+        yield server
+
+
+def lookups(url: str) -> dict[str, int]:
+    text = httpx.get(f"{url}/metrics").text
+    return {k: int(v) for k, v in re.findall(r'^itera_state_cache_lookups_total\{outcome="(\w+)"\} (\d+)$', text, re.M)}
+
+
+def test_prompts_that_extend_cached_ones_give_the_same_greedy_text(cold_url, warm):
+    expected = [greedy(cold_url, p) for p in PROMPTS]
+    assert [greedy(warm.url, p) for p in PROMPTS] == expected  # the 2nd, 3rd and 5th extend a cached prompt
+    assert lookups(warm.url)["hit"] >= 3
+    assert [greedy(warm.url, p) for p in PROMPTS] == expected  # now each prompt itself is cached
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def together(prompt):
+        barrier.wait()
+        return greedy(warm.url, prompt + " and")
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        assert list(pool.map(together, PROMPTS)) == [greedy(cold_url, p + " and") for p in PROMPTS]
+    text = httpx.get(f"{warm.url}/metrics").text
+    assert re.search(r"^itera_state_cache_bytes [1-9]", text, re.M)
+
+
+def tiny_state(model, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[0, -1]
+
+
+def test_eviction_keeps_the_budget_and_a_different_prefix_shares_nothing(warm):
+    model = warm.app.state.engine.model
+    one = state_bytes(tiny_state(model, [1, 5])[0]) + model.config.vocab_size * 4
+    cache = StateCache(max_bytes=2 * one)
+    for ids in ([1, 5], [1, 6], [1, 7]):
+        cache.put(ids, *tiny_state(model, ids))
+    assert cache.bytes <= 2 * one and list(cache.entries) == [(1, 6), (1, 7)]  # the oldest went first
+    assert cache.lookup([1, 5, 9])[0] == 0  # evicted
+    length, state, logits = cache.lookup([1, 7, 9, 9])
+    assert length == 2 and state is not cache.entries[(1, 7)].cache  # a copy: decoding cannot touch the entry
+    torch.testing.assert_close(logits, tiny_state(model, [1, 7])[1])
+    assert cache.lookup([1, 8, 7])[0] == 0 and cache.lookup([2, 7])[0] == 0  # differs inside the prefix
+    assert cache.lookup([1])[0] == 0  # shorter than every entry
