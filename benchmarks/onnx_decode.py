@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, CompileConfig
 
+from benchmarks.decode import interleaved_tps
 from benchmarks.peers import build, machine, save
 from modeling_itera import IteraLiteForCausalLM, defaults
 from modeling_itera.export import export, quantize_export
@@ -57,34 +58,6 @@ def onnx_run(model: IteraOnnxModel, batch: int, new_tokens: int):
             pass
 
     return run
-
-
-def interleaved_tps(runs: dict, tokens: int, repeats: int = 2) -> dict:
-    """First calls (compiles), then rounds over every setting in turn, best of `repeats` after a warm-up round."""
-    cells, best = {}, {}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        run()
-        cells[name], best[name] = {"first_call_s": time.perf_counter() - start}, float("inf")
-    for round_ in range(repeats + 1):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if round_:
-                best[name] = min(best[name], time.perf_counter() - start)
-    for name, seconds in best.items():
-        cells[name].update(tokens_per_s=tokens / seconds, steady_call_s=seconds)
-    return cells
-
-
-def onnx_perplexity(model: IteraOnnxModel, ids: np.ndarray) -> float:
-    states, nll = model.zero_states(ids.shape[0]), []
-    for t in range(ids.shape[1] - 1):
-        logits, states = model.decode(ids[:, t : t + 1], states)
-        shifted = logits - logits.max(-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        nll.append(-logp[np.arange(len(ids)), ids[:, t + 1]])
-    return float(np.exp(np.mean(nll)))
 
 
 @torch.no_grad()
@@ -135,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["perplexity"] = {
             "tokens": int(rows.size),
             "torch-fp32": torch_perplexity(model, rows),
-            **{name: onnx_perplexity(m, rows) for name, m in onnx_models.items()},
+            **{name: m.perplexity(rows) for name, m in onnx_models.items()},
         }
         for batch, tokens in ((1, 16 if args.quick else 256), (32, 8 if args.quick else 64)):
             # batch 1: one onnxruntime thread (no pool threads that spin between calls and take the cores from the

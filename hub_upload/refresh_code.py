@@ -40,21 +40,30 @@ def expected_auto_map() -> dict[str, str]:
     return {cls._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in REGISTERED}
 
 
+def differences(folder: Path) -> tuple[dict[str, Path], list[Path], dict, bool]:
+    """What `folder` lacks: the package's sources it has not or has otherwise ({name: source}), its .py files that are
+    no longer part of the model's code, its config, and whether that config's auto_map is current."""
+    config = read_config(folder)
+    sources = remote_code_sources()
+    outdated = {
+        name: source
+        for name, source in sources.items()
+        if not (folder / name).is_file() or (folder / name).read_bytes() != source.read_bytes()
+    }
+    leftovers = [p for p in sorted(folder.glob("*.py")) if p.name not in sources]
+    return outdated, leftovers, config, config.get("auto_map") == expected_auto_map()
+
+
 def stale(folder: str | Path) -> list[str]:
     """What differs from the package, one line each; empty when the folder's remote code is current."""
     folder = Path(folder)
-    config = read_config(folder)
-    sources = remote_code_sources()
-    problems = []
-    for name, source in sources.items():
-        shipped = folder / name
-        if not shipped.is_file():
-            problems.append(f"{name} is missing")
-        elif shipped.read_bytes() != source.read_bytes():
-            problems.append(f"{name} differs from {source}")
-    leftovers = [p.name for p in sorted(folder.glob("*.py")) if p.name not in sources]
-    problems += [f"{name} is no longer part of the model's code" for name in leftovers]
-    if config.get("auto_map") != expected_auto_map():
+    outdated, leftovers, config, auto_map_current = differences(folder)
+    problems = [
+        f"{name} is missing" if not (folder / name).is_file() else f"{name} differs from {source}"
+        for name, source in outdated.items()
+    ]
+    problems += [f"{p.name} is no longer part of the model's code" for p in leftovers]
+    if not auto_map_current:
         problems.append(f"config.json auto_map is {config.get('auto_map')}, expected {expected_auto_map()}")
     return problems
 
@@ -62,19 +71,13 @@ def stale(folder: str | Path) -> list[str]:
 def refresh(folder: str | Path) -> list[str]:
     """Makes `folder`'s remote code current; returns the names of the files written or removed ("x.py (removed)")."""
     folder = Path(folder)
-    config = read_config(folder)
-    sources = remote_code_sources()
-    changed = []
-    for name, source in sources.items():
-        shipped = folder / name
-        if not shipped.is_file() or shipped.read_bytes() != source.read_bytes():
-            shutil.copyfile(source, shipped)
-            changed.append(name)
-    for leftover in sorted(folder.glob("*.py")):
-        if leftover.name not in sources:
-            leftover.unlink()
-            changed.append(f"{leftover.name} (removed)")
-    if config.get("auto_map") != expected_auto_map():
+    outdated, leftovers, config, auto_map_current = differences(folder)
+    for name, source in outdated.items():
+        shutil.copyfile(source, folder / name)
+    for leftover in leftovers:
+        leftover.unlink()
+    changed = list(outdated) + [f"{p.name} (removed)" for p in leftovers]
+    if not auto_map_current:
         config["auto_map"] = expected_auto_map()
         # The layout save_pretrained writes (and training.reports keeps): sorted keys, two spaces, final newline.
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -173,6 +173,17 @@ class IteraOnnxModel:
         states = self.check_states(states, ids.shape[0])
         return self._run("decode", {"input_ids": ids, **dict(zip(self.state_names, states))})
 
+    def perplexity(self, ids: np.ndarray) -> float:
+        """Teacher-forced perplexity of (b, l) token ids, one decode step per position (a decode step from zero
+        states is the prefill of one token)."""
+        states, nll = self.zero_states(ids.shape[0]), []
+        for t in range(ids.shape[1] - 1):
+            logits, states = self.decode(ids[:, t : t + 1], states)
+            shifted = logits - logits.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            nll.append(-logp[np.arange(len(ids)), ids[:, t + 1]])
+        return float(np.exp(np.mean(nll)))
+
     def prefill(
         self,
         input_ids: np.ndarray,

@@ -125,23 +125,12 @@ def test_continuing_from_states_equals_one_prefill(model, onnx_model):
         np.testing.assert_allclose(logits, model(ids).logits[:, -1].numpy(), atol=ATOL)
 
 
-def perplexity(onnx_model: IteraOnnxModel, ids: np.ndarray) -> float:
-    """Teacher-forced, one decode step per position (decode from zero states is the prefill of one token)."""
-    states, nll = onnx_model.zero_states(ids.shape[0]), []
-    for t in range(ids.shape[1] - 1):
-        logits, states = onnx_model.decode(ids[:, t : t + 1], states)
-        shifted = logits - logits.max(-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        nll.append(-logp[np.arange(len(ids)), ids[:, t + 1]])
-    return float(np.exp(np.mean(nll)))
-
-
 def test_int8_perplexity_within_one_percent(exported, onnx_model, tmp_path):
     int8_dir = tmp_path / "int8"
     shutil.copytree(exported, int8_dir)
     quantize_export(int8_dir)
     text = structured_ids(8, 64, seed=5).numpy()  # held-out sequences of the training distribution
-    fp32, int8 = perplexity(onnx_model, text), perplexity(IteraOnnxModel(int8_dir), text)
+    fp32, int8 = onnx_model.perplexity(text), IteraOnnxModel(int8_dir).perplexity(text)
     assert fp32 < 40  # well below the vocabulary's 99: the model learned the structure
     assert abs(int8 - fp32) / fp32 < 0.01
     sizes = {p.name: p.stat().st_size for p in int8_dir.glob("*.onnx")}
