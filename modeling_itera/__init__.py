@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_itera import IteraLiteConfig
 from .modeling_itera import IteraLiteForCausalLM, IteraLiteModel, IteraLitePreTrainedModel
+from .state import load_state, save_state
 
 AutoConfig.register(IteraLiteConfig.model_type, IteraLiteConfig, exist_ok=True)
 AutoModel.register(IteraLiteConfig, IteraLiteModel, exist_ok=True)
@@ -19,4 +20,11 @@ IteraLiteConfig.register_for_auto_class("AutoConfig")
 IteraLiteModel.register_for_auto_class("AutoModel")
 IteraLiteForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["IteraLiteConfig", "IteraLiteForCausalLM", "IteraLiteModel", "IteraLitePreTrainedModel"]
+__all__ = [
+    "IteraLiteConfig",
+    "IteraLiteForCausalLM",
+    "IteraLiteModel",
+    "IteraLitePreTrainedModel",
+    "load_state",
+    "save_state",
+]

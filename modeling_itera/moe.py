@@ -39,16 +39,17 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class IteraLiteMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with gate and up fused into one `nn.Linear`."""
+    """SwiGLU feed-forward: down(dropout(silu(gate(x)) * up(x))), with gate and up fused into one `nn.Linear`."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.dropout(F.silu(gate) * up, self.dropout, self.training))
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +116,8 @@ class IteraLiteSparseMoE(nn.Module):
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = nn.ModuleList(
-            IteraLiteMLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.num_experts)
+            IteraLiteMLP(config.hidden_size, config.moe_intermediate_size, config.expert_dropout)
+            for _ in range(self.num_experts)
         )
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
         self.static_dispatch = False  # True: the dense form, every expert, for any length (ONNX export)
@@ -173,7 +175,8 @@ class IteraLiteSparseMoE(nn.Module):
             gate_up = torch.stack([e.gate_up_proj.weight for e in self.experts]).transpose(1, 2)  # (e, d, 2i)
             down = torch.stack([e.down_proj.weight for e in self.experts]).transpose(1, 2)  # (e, i, d)
             gate, up = grouped_mm(slot_input, gate_up, offsets).chunk(2, dim=-1)
-            slot_output = grouped_mm(F.silu(gate) * up, down, offsets)
+            hidden = F.dropout(F.silu(gate) * up, self.experts[0].dropout, self.training)  # as IteraLiteMLP does
+            slot_output = grouped_mm(hidden, down, offsets)
         elif dispatch == "looped":
             counts = torch.bincount(slot_expert, minlength=self.num_experts).tolist()
             parts = zip(self.experts, slot_input.split(counts))

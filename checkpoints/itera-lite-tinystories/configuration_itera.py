@@ -31,6 +31,10 @@ class IteraLiteConfig(PreTrainedConfig):
         moe_layer_period, moe_layer_offset: Layer `i` is MoE when `i % period == offset` (default: every other
             layer, starting with the second, as in the original Itera-Lite design). `num_experts=0` disables MoE.
         router_aux_loss_coef: Weight of the load-balancing loss added to `loss` whenever labels are given.
+        hidden_dropout: Dropout on the output of every mixer and feed-forward before it joins the residual stream
+            (GPT-2's residual dropout); training only.
+        expert_dropout: Dropout on the hidden activation inside every expert and dense MLP (the Switch
+            Transformer's expert dropout); training only.
         output_router_logits: Return the router logits of every MoE layer.
         rms_norm_eps: Epsilon of the RMSNorms.
         initializer_range: Std of the normal init of linear and embedding weights.
@@ -61,6 +65,8 @@ class IteraLiteConfig(PreTrainedConfig):
         moe_layer_period: int = 2,
         moe_layer_offset: int = 1,
         router_aux_loss_coef: float = 0.01,
+        hidden_dropout: float = 0.0,
+        expert_dropout: float = 0.0,
         output_router_logits: bool = False,
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -89,6 +95,8 @@ class IteraLiteConfig(PreTrainedConfig):
         self.moe_layer_period = moe_layer_period
         self.moe_layer_offset = moe_layer_offset
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.hidden_dropout = hidden_dropout
+        self.expert_dropout = expert_dropout
         self.output_router_logits = output_router_logits
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
@@ -132,6 +140,10 @@ class IteraLiteConfig(PreTrainedConfig):
                 lambda v: isinstance(v, int) and 0 <= v < self.moe_layer_period,
                 f"an int in [0, moe_layer_period={self.moe_layer_period})",
             ),
+        ]
+        rules += [
+            (name, lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a float in [0, 1)")
+            for name in ("hidden_dropout", "expert_dropout")
         ]
         if self.num_experts:
             rules += [

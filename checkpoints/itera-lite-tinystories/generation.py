@@ -22,6 +22,26 @@ logger = logging.get_logger(__name__)
 # Up to this many cores, Inductor compiles in the calling process (see `inductor_cpu_settings`).
 FEW_CORES = 4
 TOKEN_ID_DTYPES = (torch.long, torch.int, torch.int16, torch.int8, torch.uint8)
+# The token ids a recurrent cache has read, kept on the cache object by `generate` and `load_state`. A recurrent
+# state cannot tell how many tokens it has seen (transformers' `get_seq_length` raises on it), so without this a
+# cache passed back to `generate` with the whole sequence, as with a KV cache, would read that sequence twice.
+READ_IDS = "itera_read_ids"
+
+
+def remember_read_ids(cache, read: torch.Tensor) -> None:
+    """Notes on `cache` that it has read the (b, n) token ids `read`."""
+    setattr(cache, READ_IDS, read.detach())
+
+
+def unread_length(input_ids: torch.Tensor, cache) -> int | None:
+    """How many trailing tokens of `input_ids` `cache` has not read, where `input_ids` start with exactly the ids it
+    has read; None where it does not know what it read, or `input_ids` are something else (only new tokens)."""
+    read = getattr(cache, READ_IDS, None)
+    if read is None or input_ids.shape[0] != read.shape[0] or input_ids.shape[1] <= read.shape[1]:
+        return None
+    if not torch.equal(input_ids[:, : read.shape[1]], read.to(input_ids.device)):
+        return None
+    return input_ids.shape[1] - read.shape[1]
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, check_range: bool = True) -> None:

@@ -23,7 +23,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_itera import IteraLiteConfig
-from .generation import check_token_ids, prepare_compiled_generation, prompt_checked_once
+from .generation import (
+    check_token_ids,
+    prepare_compiled_generation,
+    prompt_checked_once,
+    remember_read_ids,
+    unread_length,
+)
 from .loading import describe_unloadable_weights
 from .moe import IteraLiteMLP, IteraLiteSparseMoE, load_balancing_loss
 from .ssm import IteraLiteMixer
@@ -109,7 +115,7 @@ class IteraLiteRMSNorm(nn.Module):
 
 
 class IteraLiteBlock(GradientCheckpointingLayer):
-    """x + mixer(norm(x)), then x + feed_forward(norm(x))."""
+    """x + dropout(mixer(norm(x))), then x + dropout(feed_forward(norm(x))); the dropout only when training."""
 
     def __init__(self, config: IteraLiteConfig, layer_idx: int):
         super().__init__()
@@ -120,7 +126,8 @@ class IteraLiteBlock(GradientCheckpointingLayer):
         if self.is_moe:
             self.feed_forward = IteraLiteSparseMoE(config)
         else:
-            self.feed_forward = IteraLiteMLP(config.hidden_size, config.intermediate_size)
+            self.feed_forward = IteraLiteMLP(config.hidden_size, config.intermediate_size, config.expert_dropout)
+        self.hidden_dropout = config.hidden_dropout
 
     def forward(
         self,
@@ -129,13 +136,14 @@ class IteraLiteBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), cache, attention_mask, seq_idx)
+        mixed = self.mixer(self.mixer_norm(hidden_states), cache, attention_mask, seq_idx)
+        hidden_states = hidden_states + F.dropout(mixed, self.hidden_dropout, self.training)
         router_logits = None
         if self.is_moe:
             ff, router_logits = self.feed_forward(self.ff_norm(hidden_states))
         else:
             ff = self.feed_forward(self.ff_norm(hidden_states))
-        return hidden_states + ff, router_logits
+        return hidden_states + F.dropout(ff, self.hidden_dropout, self.training), router_logits
 
 
 class IteraLitePreTrainedModel(PreTrainedModel):
@@ -437,14 +445,28 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
             if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
                 raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
             check_token_ids(ids, self.config.vocab_size)
+        given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
         with prepare_compiled_generation(self, kwargs), prompt_checked_once(self):
-            return super().generate(inputs, *args, **kwargs)
+            out = super().generate(inputs, *args, **kwargs)
+        # Whichever cache the caller holds now has read every token but the last one generated (see generation.py).
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        for cache in (given_cache, getattr(out, "cache", None)):
+            if cache is not None:
+                remember_read_ids(cache, sequences[:, :-1])
+        return out
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
         """transformers' inputs, with the attention mask cut to the columns of the new tokens: the mixer reads only
-        those, and a mask that grows by a column per step would change the compiled step's input shape each time."""
+        those, and a mask that grows by a column per step would change the compiled step's input shape each time.
+        A cache that `generate` or `load_state` filled knows the ids it has read: given the whole sequence with it,
+        the first step feeds only the tokens it has not read."""
+        cache = kwargs.get("cache")
+        if kwargs.get("is_first_iteration") and cache is not None and kwargs.get("next_sequence_length") is None:
+            unread = unread_length(input_ids, cache)
+            if unread is not None:
+                kwargs["next_sequence_length"] = unread
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         new_tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         mask = inputs.get("attention_mask")
