@@ -25,11 +25,11 @@ from .model import load
 GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
 
 
-def positive(kind):
+def positive(kind, allow_zero: bool = False):
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
         return value
 
     return parse
@@ -77,9 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--state-cache-bytes",
         "--state_cache_bytes",
-        type=int,
+        type=positive(int, allow_zero=True),
         default=defaults.state_cache_bytes,
         help="byte budget of the prefix cache of prompt-end states (0: off)",
+    )
+    parser.add_argument(
+        "--state-cache-interval",
+        "--state_cache_interval",
+        type=positive(int, allow_zero=True),
+        default=defaults.state_cache_interval,
+        help="also cache the state every this many tokens of a long prompt (0: prompt ends only)",
     )
     parser.add_argument(
         "--threads",
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         queue_size=args.queue_size,
         request_timeout=args.request_timeout,
         state_cache_bytes=args.state_cache_bytes,
+        state_cache_interval=args.state_cache_interval,
     )
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
     app = create_app(model, tokenizer, limits, model_name=name, compile=args.compile, chat_template=template)

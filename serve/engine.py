@@ -58,6 +58,7 @@ class Limits:
     queue_size: int = 64
     request_timeout: float = 120.0
     state_cache_bytes: int = 64 << 20  # prefix cache of prompt-end states (0: off); ~0.6 MB each, bundled model
+    state_cache_interval: int = 512  # also keep the state every this many tokens of a long prompt (0: ends only)
 
 
 # Events a job's sink receives, in order: PromptScored per prompt (if asked), Delta*, Finished per choice, then Done;
@@ -300,6 +301,14 @@ class Engine:
         if cache is None:
             cache = DynamicCache(config=self.model.config)
         if start < len(ids):
+            if not job.prompt_logprobs and self.state_cache.max_bytes:
+                # States at fixed intervals of a long prompt too: a later prompt that shares only its beginning
+                # (the same long context, another question) resumes from the last interval inside the shared part.
+                for end in self._interval_ends(start, len(ids)):
+                    chunk = torch.tensor([ids[start:end]], device=self.device)
+                    out = self.model(chunk, cache=cache, use_cache=True, logits_to_keep=1)
+                    cache, start = out.cache, end
+                    self.state_cache.put(ids[:end], cache, out.logits[0, -1])
             ids_t = torch.tensor([ids[start:]], device=self.device)
             out = self.model(
                 ids_t, cache=cache, use_cache=True, logits_to_keep=0 if job.prompt_logprobs else 1
@@ -312,6 +321,13 @@ class Engine:
                 self.state_cache.put(ids, cache, last)
         self.metrics.count_prompt(len(ids) - start)
         return cache, last
+
+    def _interval_ends(self, start: int, length: int) -> range:
+        """The multiples of the state interval strictly between `start` and `length` (none if the interval is 0)."""
+        interval = self.limits.state_cache_interval
+        if not interval:
+            return range(0)
+        return range((start // interval + 1) * interval, length, interval)
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's next token (after its bias and penalties) and, where its job asks, the token's logprob

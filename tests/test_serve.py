@@ -232,6 +232,18 @@ def test_a_body_that_is_not_json_gets_a_400_and_the_server_lives_on(url):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b'{"prompt": "caf\xe9"}', b"\xff\xfe{}", b'{"prompt": "a", "max_tokens": 1e999}'],
+    ids=["latin-1 byte in a string", "not UTF-8 at all", "a number that overflows"],
+)
+def test_bytes_that_are_not_a_valid_request_get_a_400_and_the_server_lives_on(url, content):
+    response = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "the cat", "max_tokens": 2}).status_code == 200
+
+
 def test_a_failing_decode_step_answers_500_and_the_engine_lives_on(server):
     model = server.app.state.engine.model
     forward = model.forward

@@ -76,3 +76,20 @@ def test_eviction_keeps_the_budget_and_a_different_prefix_shares_nothing(warm):
     torch.testing.assert_close(logits, tiny_state(model, [1, 7])[1])
     assert cache.lookup([1, 8, 7])[0] == 0 and cache.lookup([2, 7])[0] == 0  # differs inside the prefix
     assert cache.lookup([1])[0] == 0  # shorter than every entry
+
+
+def test_a_prompt_that_shares_only_the_beginning_of_a_long_one_resumes_from_an_interval_state(cold_url, model_dir):
+    """States every 8 tokens of a long prompt: another prompt that leaves it after its first words resumes from the
+    last of those states inside the shared words, not from zero."""
+    long_story = STORY + " in the park."
+    other = STORY[:30] + " dog ran."  # the same first words (> 8 tokens), then its own
+    engine_limits = {**LIMITS, "state_cache_interval": 8}
+    with test_serve.start(model_dir, **engine_limits) as server:
+        engine = server.app.state.engine
+        first = greedy(server.url, long_story)
+        held = sorted(len(k) for k in engine.state_cache.entries)
+        assert len(held) > 2 and held[:-1] == list(range(8, held[-1], 8))  # every 8 tokens, then the prompt's end
+        before = lookups(server.url).get("hit", 0)
+        assert greedy(server.url, other) == greedy(cold_url, other)
+        assert lookups(server.url).get("hit", 0) == before + 1
+    assert first == greedy(cold_url, long_story)
