@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import decode, train
+from benchmarks import decode, load_test, train, ttft
 
 
 def test_decode_benchmark_runs():
@@ -22,3 +22,18 @@ def test_train_benchmark_runs():
         eager = row["settings"]["eager"]
         assert eager["train_tokens_per_s"] > 0 and eager["prefill_tokens_per_s"] > 0 and eager["peak_step_mb"] > 0
     assert all(v["ratio"] > 0 for v in result["ratios"].values())
+
+
+def test_load_test_soak_runs():
+    # one server thread: the test must not depend on free cores (two spinning threads on a busy CPU crawl)
+    args = ["--tiny", "--duration", "2", "--clients", "1", "4", "--no-save", "--server-threads", "1"]
+    result = load_test.main(args)
+    assert [level["clients"] for level in result["levels"]] == [1, 4]
+    for level in result["levels"]:
+        assert level["wrong"] == 0 and level["ok"] > 0
+
+
+def test_ttft_benchmark_runs():
+    result = ttft.main(["--tiny", "--repeats", "2", "--no-save", "--server-threads", "1"])
+    assert set(result["first_chunk_ms"]) == set(ttft.CASES) and all(v > 0 for v in result["first_chunk_ms"].values())
+    assert result["state_cache"]["hits"] > 0
