@@ -135,7 +135,26 @@ def evaluation(metrics: dict) -> str:
         f"| [{DATASET_NAME}](https://huggingface.co/datasets/{DATASET_ID}) | validation "
         f"| {metrics['perplexity']:.4f} | {loss} |\n\n"
         "Perplexity is per token of this model's own tokenizer, so it compares only with models that share it.\n"
+        + per_story_evaluation(metrics)
     )
+
+
+def per_story_evaluation(metrics: dict) -> str:
+    """The per-story figures that `training.evaluate` adds to metrics.json, where they are there."""
+    if "per_story" not in metrics:
+        return ""
+    story = metrics["per_story"]
+    lines = [
+        f"\nEach of the {story['stories']} validation stories scored alone (`<s> story </s>`): "
+        f"**{story['bits_per_byte']:.4f} bits per byte** (tokenizer-independent), per-token perplexity "
+        f"{story['perplexity']:.2f}, word perplexity {story['word_perplexity']:.2f}."
+    ]
+    if "names" in metrics:
+        lines.append(
+            f" Name consistency (the share of character-name mentions that repeat a name already used in the same "
+            f"sample, over 50 seeded samples of up to 150 tokens): {metrics['names']['name_consistency']:.3f}."
+        )
+    return "".join(lines) + "\n"
 
 
 def usage(repo_id: str, skip_4bit: list[str], code_files: list[str]) -> str:

@@ -130,6 +130,15 @@ def test_card_metadata_parameters_and_sections(model_folder, tmp_path):
     card = build_model_card(bare, REPO)
     assert "model-index" not in front_matter(str(card)) and "No evaluation was recorded" in card.text
 
+    scored = tmp_path / "per-story"
+    shutil.copytree(model_folder, scored)
+    metrics = json.loads((model_folder / "metrics.json").read_text())
+    metrics["per_story"] = {"stories": 794, "bits_per_byte": 0.91234, "perplexity": 14.5, "word_perplexity": 27.1}
+    metrics["names"] = {"name_consistency": 0.612}
+    (scored / "metrics.json").write_text(json.dumps(metrics))
+    text = build_model_card(scored, REPO).text
+    assert "794 validation stories" in text and "0.9123 bits per byte" in text and "consistency" in text
+
 
 def test_dry_run_writes_the_folder_and_contacts_nothing(model_folder, shipped, hub, tmp_path):
     out = tmp_path / "repo"
