@@ -160,6 +160,8 @@ def table(levels: list[dict]) -> str:
 
 def measure(url: str, args: argparse.Namespace) -> dict:
     httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}, timeout=120)  # warm-up
+    if getattr(args, "compile", False):  # a second batch size compiles the step once more, for any batch size
+        asyncio.run(run_level(url, 4, 4, 8, args.temperature))
     levels = []
     for clients in args.clients:
         requests = max(args.requests, clients)
@@ -168,6 +170,7 @@ def measure(url: str, args: argparse.Namespace) -> dict:
     health = httpx.get(f"{url}/health", timeout=10).json()
     settings = {"max_tokens": args.max_tokens, "temperature": args.temperature, "model": health.get("model")}
     settings["server_threads"] = None if args.url else args.server_threads
+    settings["server_compiled"] = None if args.url else args.compile
     return {"settings": settings, "client_machine": machine(), "levels": levels}
 
 
@@ -344,6 +347,7 @@ def soak(url: str, args: argparse.Namespace, pid: int | None) -> dict:
     settings = {"duration_s": args.duration, "max_tokens": args.max_tokens, "temperature": 0.0}
     settings |= {"prompt_tokens": [token_count(url, p) for p in prompts], "model": health.get("model")}
     settings["server_threads"] = None if args.url else args.server_threads
+    settings["server_compiled"] = None if args.url else args.compile
     return {
         "settings": settings,
         "client_machine": machine(),
@@ -384,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0, help="(a soak is greedy: temperature 0)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     parser.add_argument("--server-threads", type=int, default=None, help="the server's --threads, if it is ours")
+    parser.add_argument("--compile", action="store_true", help="start our server with --compile (compiled decode)")
     args = parser.parse_args(argv)
     if args.duration is not None and args.duration <= 0:
         parser.error(f"--duration must be > 0, got {args.duration:g}")
@@ -398,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             model = str(tiny_model(Path(tmp))) if args.tiny else args.model
-            with own_server(model, max(args.clients), args.max_tokens, args.server_threads) as (url, pid):
+            extra = ("--compile",) if args.compile else ()
+            with own_server(model, max(args.clients), args.max_tokens, args.server_threads, extra) as (url, pid):
                 result = run(url, pid)
     print(soak_table(result) if args.duration else table(result["levels"]))
     print(json.dumps(result, indent=2))
