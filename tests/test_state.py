@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM, load_state, save_state
-from tests.conftest import TINY
+
+from .conftest import TINY
 
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 

@@ -23,6 +23,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from training.data import DOC_SEPARATOR, read_documents
+
 # Words (with inner apostrophes), the punctuation that ends a sentence, and quotation marks.
 TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*|[.!?]|[\"“”]")
 SENTENCE_END = frozenset(".!?")
@@ -98,8 +100,6 @@ def name_consistency(samples: Iterable[str], names: frozenset[str]) -> dict:
 def recase(text: str, names: frozenset[str]) -> str:
     """`text` with sentence starts, the pronoun "i" and the words of `names` capitalised. Documents separated by
     `<|endoftext|>` are re-cased one by one (the separator stays as it is)."""
-    from training.data import DOC_SEPARATOR
-
     if DOC_SEPARATOR in text:
         return DOC_SEPARATOR.join(recase(part, names) for part in text.split(DOC_SEPARATOR))
     chars = list(text)
@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     recase_cmd.add_argument("output")
     recase_cmd.add_argument("--names_from", required=True, help="cased text the names are learnt from")
     args = parser.parse_args(argv)
-    from training.data import read_documents
-
     names = proper_nouns(read_documents(args.names_from))
     text = Path(args.input).read_text(encoding="utf-8")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
