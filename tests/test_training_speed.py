@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_itera import IteraLiteForCausalLM, ssm
+from modeling_itera.loss import causal_lm_loss_from_hidden
 from modeling_itera.generation import have_cpp_compiler
 from training import pretrain
 
@@ -38,6 +40,31 @@ def test_fused_loss_has_the_loss_and_gradients_of_the_logits_path(tiny_config, n
     assert fused_grads.keys() == reference_grads.keys()
     for name, grad in reference_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("num_items", [None, 37], ids=["mean", "num_items_in_batch"])
+def test_loss_under_autocast_is_the_float64_loss_to_bf16_precision(num_items):
+    # 600 tokens: three chunks of the half-precision loss, the last one partial
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 200, 32, requires_grad=True)
+    weight = (torch.randn(500, 32) * 0.3).requires_grad_()
+    labels = torch.randint(0, 500, (3, 200))
+    labels[0, :50] = -100
+    labels[2, 150:] = -100
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss_from_hidden(hidden, weight, labels, **extra)
+    loss.backward()
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    reference = ForCausalLMLoss(h64 @ w64.T, labels, 500, **extra)  # it upcasts the float64 logits' loss to fp32
+    reference.backward()
+    # bf16 products: each logit is ~3 significant digits, but the loss is a sum of hundreds of them, in fp32
+    torch.testing.assert_close(loss, reference, rtol=1e-3, atol=0)
+    for grad, expected in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
+        relative = (grad.double() - expected).norm() / expected.norm()
+        assert relative < 1e-2, relative  # bf16 rounding of the inputs and of d loss / d logits, ~2^-8
 
 
 def test_logits_are_returned_except_when_training_with_labels(tiny_config):
