@@ -4,6 +4,8 @@ python -m benchmarks.train                               # all models; writes re
 python -m benchmarks.train --models llama --settings bf16  # some: their rows replace those in train.json
 python -m benchmarks.train --quick                       # a tiny batch, eager only, to check that it runs
 
+Every (model, setting) is built first; then they take turns, `--rounds` times, and each keeps its best time.
+
 Training is forward + backward + AdamW at 8 x 512 tokens; prefill is one 2048-token prompt without autograd (the
 LM head on the last position only). Settings: `eager` fp32; `bf16`, fp32 weights under
 `torch.autocast("cpu", bfloat16)` (what `--bf16 true` gives on a CPU); `compiled`, each repeated block compiled with
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
 import time
 
 import torch
 
-from benchmarks.peers import RESULTS, build, machine, parameters, save, timed
+from benchmarks.peers import RESULTS, build, machine, parameters, save
 
 MODELS = ["itera-lite", "llama", "mamba2"]
 SETTINGS = ["eager", "bf16", "compiled", "compiled_bf16"]
@@ -55,39 +59,60 @@ def autocast(setting: str):
     return contextlib.nullcontext()
 
 
-def train_row(model, setting: str, batch: int, length: int, repeats: int) -> dict:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(3, model.config.vocab_size, (batch, length))
+class Runner:
+    """One (model, setting): a training step and a prefill, ready to be timed in turn with the others."""
 
-    def step():
-        with autocast(setting):
-            loss = model(input_ids=ids, labels=ids).loss
+    def __init__(self, name: str, setting: str, preset: str, batch: int, length: int, prefill: int):
+        torch.manual_seed(0)
+        self.name, self.setting = name, setting
+        self.model = build(name, preset)
+        self.parameters = parameters(self.model)
+        if setting.startswith("compiled"):
+            compile_blocks(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ids = torch.randint(3, self.model.config.vocab_size, (batch, length))
+        self.prompt = torch.randint(3, self.model.config.vocab_size, (1, prefill))
+
+    def train_step(self) -> None:
+        self.model.train()
+        with autocast(self.setting):
+            loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
+    @torch.no_grad()
+    def prefill(self) -> None:
+        self.model.eval()
+        with autocast(self.setting):
+            self.model(input_ids=self.prompt, use_cache=False, logits_to_keep=1)
+
+
+def seconds(fn) -> float:
     start = time.perf_counter()
-    step()  # compiles, where compiled
-    first = time.perf_counter() - start
-    seconds = timed(step, repeats)
-    return {
-        "train_tokens_per_s": batch * length / seconds,
-        "peak_step_mb": peak_step_bytes(step) / 2**20,
-        "first_step_s": first,
-    }
+    fn()
+    return time.perf_counter() - start
 
 
-@torch.no_grad()
-def prefill_tps(model, setting: str, length: int, repeats: int) -> float:
-    model.eval()
-    ids = torch.randint(3, model.config.vocab_size, (1, length))
-
-    def run():
-        with autocast(setting):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-    return length / timed(run, repeats)
+def measure(runners: list[Runner], rounds: int) -> dict:
+    """Best time of `rounds` calls for each runner's step and prefill, the runners taking turns round after round:
+    on a shared machine whose speed drifts by tens of percent over minutes, every row then sees the same drift."""
+    rows = {}
+    for r in runners:  # the first step compiles, where compiled; the second settles the allocator
+        first = seconds(r.train_step)
+        r.train_step(), r.prefill(), r.prefill()
+        rows[r.name, r.setting] = {"first_step_s": first, "train_s": math.inf, "prefill_s": math.inf}
+    for _ in range(rounds):
+        for r in runners:
+            row = rows[r.name, r.setting]
+            row["train_s"] = min(row["train_s"], seconds(r.train_step))
+            row["prefill_s"] = min(row["prefill_s"], seconds(r.prefill))
+    for r in runners:
+        row = rows[r.name, r.setting]
+        row["train_tokens_per_s"] = r.ids.numel() / row.pop("train_s")
+        row["prefill_tokens_per_s"] = r.prompt.numel() / row.pop("prefill_s")
+        row["peak_step_mb"] = peak_step_bytes(r.train_step) / 2**20
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,37 +122,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS)
     args = parser.parse_args(argv)
-    batch, length, prefill, repeats = (2, 32, 64, 1) if args.quick else (args.batch, args.length, args.prefill, 3)
+    quick = (2, 32, 64, 1)
+    batch, length, prefill, rounds = quick if args.quick else (args.batch, args.length, args.prefill, args.rounds)
     settings = ["eager"] if args.quick else args.settings
+    # Every model's blocks share their class's code, so each compiled model adds guards to the same cache entry.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
     run_id = time.strftime("%Y-%m-%d %H:%M:%S")
+    runners = [Runner(n, s, args.preset, batch, length, prefill) for n in args.models for s in settings]
+    measured = measure(runners, rounds)
     rows = {}
-    for name in args.models:
-        rows[name] = {"settings": {}}
-        for setting in settings:
-            torch.manual_seed(0)
-            model = build(name, args.preset)
-            rows[name]["parameters"] = parameters(model)
-            if setting.startswith("compiled"):
-                torch._dynamo.reset()
-                compile_blocks(model)
-            row = train_row(model, setting, batch, length, repeats)
-            row["prefill_tokens_per_s"] = prefill_tps(model, setting, prefill, repeats)
-            row["run"] = run_id  # rows of one run were measured in one process
-            rows[name]["settings"][setting] = row
-            print(
-                f"{name} {setting}: train {row['train_tokens_per_s']:.0f} tok/s, peak {row['peak_step_mb']:.0f} MB, "
-                f"prefill {row['prefill_tokens_per_s']:.0f} tok/s (first step {row['first_step_s']:.0f} s)",
-                flush=True,
-            )
-    result = {"machine": machine(), "preset": args.preset, "batch": batch, "length": length, "prefill": prefill}
+    for r in runners:
+        row = {**measured[r.name, r.setting], "run": run_id}  # rows of one run were measured in one process
+        rows.setdefault(r.name, {"settings": {}, "parameters": r.parameters})["settings"][r.setting] = row
+        print(
+            f"{r.name} {r.setting}: train {row['train_tokens_per_s']:.0f} tok/s, peak {row['peak_step_mb']:.0f} MB, "
+            f"prefill {row['prefill_tokens_per_s']:.0f} tok/s (first step {row['first_step_s']:.0f} s)",
+            flush=True,
+        )
+    result = {
+        "machine": machine(),
+        "preset": args.preset,
+        "batch": batch,
+        "length": length,
+        "prefill": prefill,
+        "rounds": rounds,
+    }
     if not args.quick:
         previous = {}
         if (RESULTS / "train.json").exists():
-            import json
-
             previous = json.loads((RESULTS / "train.json").read_text()).get("models", {})
             previous = {k: v for k, v in previous.items() if "settings" in v}  # rows of the older format are dropped
         for name, row in rows.items():  # settings measured now replace those of earlier runs

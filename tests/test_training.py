@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hub_upload import refresh_code
 from modeling_itera.defaults import BUNDLED_MODEL as BUNDLED
-from training import data, finetune, pretrain
+from training import data, finetune, precision, pretrain
 from training.tokenizer import train_tokenizer
 
 from .conftest import smoke_args, write_stories
@@ -89,6 +90,23 @@ def test_both_flag_spellings_select_the_recipe(spelling):
     args, training_args = pretrain.parse_args([*spelling, "--block_size=48"])
     assert args.recipe == "smoke" and training_args.max_steps == 5 and training_args.output_dir == "runs/smoke"
     assert args.block_size == 48  # a flag still wins over the recipe
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-hardware", "no-bf16-hardware"])
+def test_the_recipe_turns_bf16_on_only_where_the_hardware_has_it(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16_available", lambda: native)
+    assert pretrain.parse_args([])[1].bf16 is native  # the tinystories recipe says "auto"
+    assert pretrain.parse_args(["--bf16", "false"])[1].bf16 is False  # a flag still decides
+    assert pretrain.parse_args(["--recipe", "smoke"])[1].bf16 is False  # a recipe without "auto" is not touched
+
+
+def test_native_bf16_is_read_off_this_machine():
+    from_cpuinfo = None
+    if Path("/proc/cpuinfo").exists() and not torch.accelerator.is_available():
+        flags = Path("/proc/cpuinfo").read_text()
+        from_cpuinfo = "avx512_bf16" in flags or "amx_bf16" in flags
+    if from_cpuinfo is not None:
+        assert precision.native_bf16_available() is from_cpuinfo
 
 
 @pytest.mark.parametrize("equals", [False, True], ids=["space", "equals"])

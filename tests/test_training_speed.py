@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_itera import IteraLiteForCausalLM, ssm
-from modeling_itera.loss import causal_lm_loss_from_hidden
 from modeling_itera.generation import have_cpp_compiler
+from modeling_itera.loss import causal_lm_loss_from_hidden
 from training import pretrain
 
 from .conftest import smoke_args

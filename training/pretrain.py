@@ -41,6 +41,7 @@ import modeling_itera
 from modeling_itera.defaults import nf4_config
 from modeling_itera.generation import have_cpp_compiler
 from training import data, evaluate, reports
+from training.precision import resolve_auto_precision
 from training.tokenizer import load_or_train
 
 logger = logging.get_logger("training.pretrain")
@@ -127,7 +128,7 @@ def parse_args(
     first_pass = HfArgumentParser((script_arguments, TrainingArguments), add_help=False)
     first_pass.set_defaults(recipe=default_recipe)
     recipe_name = first_pass.parse_known_args(argv)[0].recipe
-    recipe = choose(load_json("recipes.json"), recipe_name, "recipe")
+    recipe = resolve_auto_precision(choose(load_json("recipes.json"), recipe_name, "recipe"))
     parser = HfArgumentParser((script_arguments, TrainingArguments))
     # On a machine without an accelerator, say so: transformers 5.24 otherwise ignores a torchrun/accelerate launch
     # on CPU (each process trains alone and they all write the same folder) instead of running DDP over gloo.
