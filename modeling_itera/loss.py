@@ -45,12 +45,11 @@ class HalfPrecisionLinearCrossEntropy(torch.autograd.Function):
             h_chunk, target = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
             labelled = target != ignore_index
             target = target.masked_fill(~labelled, 0)
-            logits = (h_chunk @ w.T).float()  # (chunk, v)
-            log_norm = logits.logsumexp(dim=-1)
-            total += ((log_norm - logits.gather(1, target[:, None])[:, 0]) * labelled).sum()
-            # d loss / d logits = softmax - one_hot(target), zero on unlabelled rows; built in place of the logits.
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
-            grad_logits.scatter_add_(1, target[:, None], -torch.ones_like(log_norm[:, None]))
+            log_probs = (h_chunk @ w.T).float().log_softmax(dim=-1)  # (chunk, v)
+            total -= (log_probs.gather(1, target[:, None])[:, 0] * labelled).sum()
+            # d loss / d logits = softmax - one_hot(target), zero on unlabelled rows; built in place of log_probs.
+            grad_logits = log_probs.exp_()
+            grad_logits.scatter_add_(1, target[:, None], -labelled[:, None].to(grad_logits.dtype))
             grad_logits = grad_logits.mul_(labelled[:, None]).to(compute_dtype)
             grad_hidden[start : start + chunk_tokens] = grad_logits @ w
             grad_weight += grad_logits.T @ h_chunk

@@ -256,6 +256,9 @@ def compilation_for(training_args: TrainingArguments):
     # refuses to replay in the recomputation; not replaying it is right (eager counts the batch twice). Global, as in
     # accelerate's FSDP2 regional recipe: it must hold when the blocks compile, at the first step.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # A second batch shape (evaluation's batch size, an epoch's last batch) would otherwise recompile the blocks with
+    # dynamic shapes, whose kernels train ~25% slower here (benchmarks.train); static graphs, one per shape, instead.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     saved = {name: os.environ.get(name) for name in REGIONAL_COMPILATION_ENV}
     os.environ.update(REGIONAL_COMPILATION_ENV)
     try:

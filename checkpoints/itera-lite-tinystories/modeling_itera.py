@@ -31,6 +31,7 @@ from .generation import (
     unread_length,
 )
 from .loading import describe_unloadable_weights
+from .loss import causal_lm_loss_from_hidden
 from .moe import IteraLiteMLP, IteraLiteSparseMoE, load_balancing_loss
 from .ssm import IteraLiteMixer
 
@@ -51,47 +52,6 @@ def cache_nbytes(cache) -> int:
             tensors = held.values() if isinstance(held, dict) else [held]
             total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def causal_lm_loss_from_hidden(
-    hidden_states: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """transformers' `ForCausalLMLoss` (shifted labels, `ignore_index`, a sum divided by `num_items_in_batch` when
-    given, else the mean over the labelled tokens), computed from the hidden states by torch's chunked
-    `F.linear_cross_entropy`, which never holds the whole (tokens x vocab) logits: each chunk's gradient is made in
-    the forward. In fp32 even under autocast, like `ForCausalLMLoss` upcasts the logits.
-
-    Args:
-        hidden_states: (b, l, d) after the final norm; lm_head_weight: (vocab, d); labels: (b, l) or None when
-            `shift_labels` (b, l), already shifted, is given.
-    """
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # tokens < n predict n
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    with torch.autocast(hidden_states.device.type, enabled=False):
-        loss = F.linear_cross_entropy(
-            at_least_fp32(hidden_states.reshape(-1, hidden_states.shape[-1])),
-            at_least_fp32(lm_head_weight),
-            shift_labels.reshape(-1).to(hidden_states.device),
-            reduction=reduction,
-            ignore_index=ignore_index,
-            options=torch.nn.LinearCrossEntropyOptions(),  # the chunked path (None would be the reference one)
-        )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
 
 
 def seq_idx_from_cu_seq_lens(cu_seq_lens: torch.Tensor, length: int) -> torch.Tensor:
