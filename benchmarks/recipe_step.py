@@ -4,7 +4,7 @@ python -m benchmarks.recipe_step                          # this checkout: eager
 python -m benchmarks.recipe_step --baseline 7d6cb0d       # and a commit's code, checked out into a temporary worktree
 
 A step is what `Trainer` runs for each batch of the recipe: 16 x 256 tokens, forward + backward with labels, gradient
-clipping at 1.0 and AdamW (lr 2e-3, weight decay 0.1, betas 0.9 / 0.95), on the `tiny` preset. Settings: `eager`
+clipping at 1.0 and fused AdamW (lr 2e-3, weight decay 0.1, betas 0.9 / 0.95), on the `tiny` preset. Settings: `eager`
 (fp32, no compilation, the recipe before #12) and `recipe` (each block compiled, as `--torch_compile true` does,
 and bf16 autocast where the recipe's `bf16: "auto"` turns it on). Each (checkout, setting) runs in a process of its
 own, since two checkouts' `modeling_itera` cannot share one; the processes take turns, round after round, and the
@@ -42,9 +42,14 @@ def worker(repo: Path, setting: str, steps: int) -> dict:
         from training.precision import native_bf16_available
 
         bf16 = native_bf16_available()
+        from modeling_itera import loss
+
+        loss.use_compiled_loss(True)  # as training.pretrain does under --torch_compile true
         for block in model.model.layers:
             block.compile(fullgraph=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(  # fused: Trainer's default optimizer (adamw_torch_fused)
+        model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=True
+    )
     ids = torch.randint(3, preset["vocab_size"], (BATCH, LENGTH))
 
     def step():

@@ -26,13 +26,18 @@ import time
 import torch
 
 from benchmarks.peers import RESULTS, build, machine, parameters, save
+from modeling_itera import IteraLiteForCausalLM
+from modeling_itera.loss import use_compiled_loss
 
 MODELS = ["itera-lite", "llama", "mamba2"]
 SETTINGS = ["eager", "bf16", "compiled", "compiled_bf16"]
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
-    """Regional compilation in place: every block of the model's repeated `ModuleList` compiled, one graph each."""
+    """Regional compilation in place: every block of the model's repeated `ModuleList` compiled, one graph each.
+    For Itera-Lite also its bf16 loss's chunk, as `--torch_compile true` does in `training.pretrain`."""
+    if isinstance(model, IteraLiteForCausalLM):
+        use_compiled_loss(True)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) and all(type(m) is type(module[0]) for m in module):
             for block in module:
@@ -174,20 +179,29 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def best(row: dict, key: str) -> tuple[str, float]:
-    setting = max(row["settings"], key=lambda s: row["settings"][s][key])
+def best(row: dict, key: str, run: str | None = None) -> tuple[str, float] | None:
+    """The setting with the highest `key`, among those measured in `run` (all when None)."""
+    settings = [s for s in row["settings"] if run is None or row["settings"][s].get("run") == run]
+    if not settings:
+        return None
+    setting = max(settings, key=lambda s: row["settings"][s][key])
     return setting, row["settings"][setting][key]
 
 
 def ratios(rows: dict) -> dict:
-    """Itera-Lite's best setting over each peer's best, for training and prefill; peak memory at those settings."""
+    """Itera-Lite's best setting over each peer's best, for training and prefill, and peak memory at those settings:
+    only against a peer's rows from the same run (one process) as Itera-Lite's newest rows, the only fair ratio on a
+    shared machine. A peer with no row from that run gets no ratio."""
     if "itera-lite" not in rows:
         return {}
+    run = max(s.get("run", "") for s in rows["itera-lite"]["settings"].values())
     out = {}
-    for peer in rows.keys() - {"itera-lite"}:
+    for peer in sorted(rows.keys() - {"itera-lite"}):
+        if best(rows[peer], "train_tokens_per_s", run) is None:
+            continue
         for key in ("train_tokens_per_s", "prefill_tokens_per_s"):
-            (ours, mine), (theirs, their) = best(rows["itera-lite"], key), best(rows[peer], key)
-            out[f"{key}_vs_{peer}"] = {"ratio": mine / their, "itera-lite": ours, peer: theirs}
+            (ours, mine), (theirs, their) = best(rows["itera-lite"], key, run), best(rows[peer], key, run)
+            out[f"{key}_vs_{peer}"] = {"ratio": mine / their, "itera-lite": ours, peer: theirs, "run": run}
         ours, theirs = out[f"train_tokens_per_s_vs_{peer}"]["itera-lite"], out[f"train_tokens_per_s_vs_{peer}"][peer]
         out[f"peak_step_mb_vs_{peer}"] = {
             "ratio": rows["itera-lite"]["settings"][ours]["peak_step_mb"]

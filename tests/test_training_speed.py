@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from modeling_itera import IteraLiteForCausalLM, ssm
+from modeling_itera import loss as loss_module
 from modeling_itera.generation import have_cpp_compiler
 from modeling_itera.loss import causal_lm_loss_from_hidden
 from training import pretrain
@@ -65,6 +66,21 @@ def test_loss_under_autocast_is_the_float64_loss_to_bf16_precision(num_items):
     for grad, expected in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
         relative = (grad.double() - expected).norm() / expected.norm()
         assert relative < 1e-2, relative  # bf16 rounding of the inputs and of d loss / d logits, ~2^-8
+
+
+@pytest.mark.skipif(not have_cpp_compiler(), reason="Inductor needs a C++ compiler on CPU")
+def test_the_compiled_loss_chunk_gives_the_eager_chunk(monkeypatch):
+    torch.manual_seed(0)
+    h, w = torch.randn(64, 32).bfloat16(), torch.randn(500, 32).bfloat16()
+    target = torch.randint(0, 500, (64,))
+    labelled = torch.rand(64) > 0.2
+    eager = loss_module.chunk_loss_and_grads(h, w, target, labelled)
+    monkeypatch.setattr(loss_module, "_chunk_fn", loss_module.chunk_loss_and_grads)  # restored after the test
+    loss_module.use_compiled_loss(True)
+    compiled = loss_module._chunk_fn(h, w, target, labelled)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-4)
+    for got, expected in zip(compiled[1:], eager[1:]):  # bf16 results: one rounding step apart at most
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_logits_are_returned_except_when_training_with_labels(tiny_config):

@@ -259,6 +259,7 @@ def compilation_for(training_args: TrainingArguments):
     # A second batch shape (evaluation's batch size, an epoch's last batch) would otherwise recompile the blocks with
     # dynamic shapes, whose kernels train ~25% slower here (benchmarks.train); static graphs, one per shape, instead.
     torch._dynamo.config.automatic_dynamic_shapes = False
+    modeling_itera.loss.use_compiled_loss(True)  # the bf16 loss's chunk, fused (the loss is outside the blocks)
     saved = {name: os.environ.get(name) for name in REGIONAL_COMPILATION_ENV}
     os.environ.update(REGIONAL_COMPILATION_ENV)
     try:
