@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
-from modeling_itera.moe import DENSE_DISPATCH_MAX_TOKENS, IteraLiteSparseMoE, load_balancing_loss, route
+from modeling_itera.moe import (
+    DENSE_DISPATCH_MAX_TOKENS,
+    IteraLiteSparseMoE,
+    PermuteRows,
+    load_balancing_loss,
+    route,
+)
 
 from .conftest import TINY
 
@@ -154,6 +160,17 @@ def test_dispatch_forms_give_the_same_outputs_and_gradients(dispatch):
         grad64 = p64.grad if p64.grad is not None else torch.zeros_like(p64)
         torch.testing.assert_close(grad, grad64.float(), rtol=1e-4, atol=1e-5)
     assert moe.experts[3].down_proj.weight.grad is None or moe.experts[3].down_proj.weight.grad.abs().sum() == 0
+
+
+def test_permuted_rows_have_the_gradient_of_plain_indexing():
+    """PermuteRows' backward gathers with the inverse permutation; autograd's own for `rows[order]` scatter-adds."""
+    rows = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(12)
+    torch.autograd.gradcheck(lambda r: PermuteRows.apply(r, order, order.argsort()), (rows,))
+    upstream = torch.randn(12, 5, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((PermuteRows.apply(rows, order, order.argsort()) * upstream).sum(), rows)
+    (expected,) = torch.autograd.grad((rows[order] * upstream).sum(), rows)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 def test_dispatch_is_dense_for_decoding_and_looped_for_wrapped_experts():
