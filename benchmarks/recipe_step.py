@@ -5,8 +5,9 @@ python -m benchmarks.recipe_step --baseline 7d6cb0d       # and a commit's code,
 
 A step is what `Trainer` runs for each batch of the recipe: 16 x 256 tokens, forward + backward with labels, gradient
 clipping at 1.0 and fused AdamW (lr 2e-3, weight decay 0.1, betas 0.9 / 0.95), on the `tiny` preset. Settings: `eager`
-(fp32, no compilation, the recipe before #12) and `recipe` (each block compiled, as `--torch_compile true` does,
-and bf16 autocast where the recipe's `bf16: "auto"` turns it on). Each (checkout, setting) runs in a process of its
+(fp32, no compilation, no document boundaries: the recipe before #12) and `recipe` (each block compiled, as
+`--torch_compile true` does, bf16 autocast where the recipe's `bf16: "auto"` turns it on, and the packed stories'
+boundaries, `seq_idx`, as `--packing_boundaries` gives them). Each (checkout, setting) runs in a process of its
 own, since two checkouts' `modeling_itera` cannot share one; the processes take turns, round after round, and the
 best step time of each is kept, so that the machine's drift hits all of them alike. Trainer's own overhead (data
 loading, logging) is not included. Writes `results/recipe_step.json`.
@@ -51,10 +52,16 @@ def worker(repo: Path, setting: str, steps: int) -> dict:
         model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=True
     )
     ids = torch.randint(3, preset["vocab_size"], (BATCH, LENGTH))
+    batch = {"input_ids": ids, "labels": ids}
+    if setting == "recipe":
+        # The recipe resets the state at each story's start inside a packed block (--packing_boundaries, on by
+        # default): starts as often as in TinyStories (~198 tokens a story). The baseline's code predates them.
+        starts = torch.rand(BATCH, LENGTH, generator=torch.Generator().manual_seed(0)) < 1 / 198
+        batch["seq_idx"] = starts.cumsum(1, dtype=torch.int32)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

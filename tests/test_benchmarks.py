@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import decode, load_test, train, ttft
+from benchmarks import decode, load_test, profile_train, train, ttft
 
 
 def test_decode_benchmark_runs():
@@ -22,6 +22,16 @@ def test_train_benchmark_runs():
         eager = row["settings"]["eager"]
         assert eager["train_tokens_per_s"] > 0 and eager["prefill_tokens_per_s"] > 0 and eager["peak_step_mb"] > 0
     assert all(v["ratio"] > 0 for v in result["ratios"].values())
+
+
+def test_train_profile_runs_and_accounts_for_every_op():
+    text = profile_train.main(["--setting", "eager", "--batch", "1", "--length", "16", "--no-save"])
+    assert "itera-lite: top" in text and "llama: top" in text
+    shares = [line for line in text.splitlines() if line.startswith("| ") and "(" in line and "%" in line]
+    # every op falls in one group: each model's shares add up to the whole
+    for column in (1, 2):
+        total = sum(int(line.split("|")[column + 1].split("(")[1].rstrip("%) ")) for line in shares)
+        assert 95 <= total <= 105
 
 
 def test_load_test_soak_runs():

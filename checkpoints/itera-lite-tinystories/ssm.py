@@ -253,8 +253,12 @@ class IteraLiteMixer(nn.Module):
         l, K = xBC.shape[1], self.conv_kernel
         if cache is not None:  # the cache keeps (b, conv_dim, K), the layout of transformers' own SSM models
             xBC = cache.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=K).transpose(1, 2)
-        if xBC.shape[1] < l + K - 1:
-            xBC = F.pad(xBC, (0, 0, l + K - 1 - xBC.shape[1], 0))
+        missing = l + K - 1 - xBC.shape[1]
+        if missing > 0:
+            # zeros concatenated, not F.pad: compiled, a pad becomes a masked load in every tap, and the conv of a
+            # 2048-token prefill took 5.2 ms instead of the 0.7 of copying the window once (prefill 1.3x, training
+            # 1.03x in interleaved A/B runs)
+            xBC = torch.cat([xBC.new_zeros(xBC.shape[0], missing, xBC.shape[2]), xBC], dim=1)
         window = xBC[:, -(l + K - 1) :]  # (b, l+K-1, conv_dim)
         weight = self.conv1d.weight[:, 0].t()  # (K, conv_dim): weight[k] is tap k of every channel
         if torch.compiler.is_compiling() and l > 1:
