@@ -24,8 +24,8 @@ from benchmarks.train import SETTINGS, Runner
 GROUPS = [
     ("matmul (mm, bmm, grouped mm)", lambda k: k in {"aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"}),
     ("attention (SDPA)", lambda k: "scaled_dot_product" in k),
-    ("loss: eager log-softmax", lambda k: "log_softmax" in k or "nll_loss" in k),
     ("loss: compiled chunk kernels", lambda k: k.startswith("graph_") and "log_softmax" in k),
+    ("loss: eager log-softmax", lambda k: k.startswith("aten::") and ("log_softmax" in k or "nll_loss" in k)),
     ("compiled elementwise kernels", lambda k: k.startswith("graph_")),
     ("copies, casts and fills", lambda k: k in {"aten::copy_", "aten::_to_copy", "aten::fill_", "aten::zero_"}),
     ("optimizer", lambda k: "Optimizer" in k or "_foreach" in k or k in {"aten::lerp_", "aten::addcdiv_"}),
