@@ -189,11 +189,12 @@ def create_app(
         except BadRequest as err:
             return error(400, err.message, param=err.param)
         events, job = new_job(req, [prompt], limits)
+        job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time())}
         head["model"] = model_name
         if req.stream:
             head["object"] = "chat.completion.chunk"
-        return await run(request, req, job, events, ChatChoices(job), head)
+        return await run(request, req, job, events, ChatChoices(job, tokenizer, req.logprobs), head)
 
     def conversation(messages: list[Message]) -> list[int]:
         return chat_prompt(tokenizer, [m.model_dump(exclude_none=True) for m in messages], chat_template)

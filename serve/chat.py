@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .engine import Delta, Finished, Job
+from .logprobs import ChatLogprobs
 
 STORY_TEMPLATE = (
     "{{ bos_token }}"
@@ -34,16 +35,23 @@ def chat_prompt(tokenizer, messages: list[dict], template: str | None = None) ->
 
 
 class ChatChoices:
-    """A job's events as chat choices: a first chunk with the role, content deltas, a chunk with finish_reason."""
+    """A job's events as chat choices: a first chunk with the role, content deltas (with their logprobs, where the
+    request asked for them), a chunk with finish_reason."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, tokenizer=None, logprobs: bool = False):
         self.job = job
         self.text: dict[int, str] = defaultdict(str)
         self.reasons: dict[int, str] = {}
+        self.logprobs = [ChatLogprobs(tokenizer) for _ in range(job.slots)] if logprobs else None
 
     @staticmethod
-    def chunk(index: int, delta: dict, reason: str | None = None) -> dict:
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    def chunk(index: int, delta: dict, reason: str | None = None, logprobs: list[dict] | None = None) -> dict:
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": None if logprobs is None else {"content": logprobs},
+            "finish_reason": reason,
+        }
 
     def echoed(self) -> list[dict]:
         return [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(self.job.slots)]
@@ -54,7 +62,8 @@ class ChatChoices:
             return [self.chunk(event.index, {}, event.reason)]
         if isinstance(event, Delta):
             self.text[event.index] += event.text
-            return [self.chunk(event.index, {"content": event.text})] if event.text else []
+            lp = None if self.logprobs is None else self.logprobs[event.index].add(list(event.logprobs))
+            return [self.chunk(event.index, {"content": event.text}, None, lp)] if event.text or lp else []
         return []
 
     def whole(self) -> list[dict]:
@@ -62,7 +71,7 @@ class ChatChoices:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": self.text[i]},
-                "logprobs": None,
+                "logprobs": None if self.logprobs is None else {"content": self.logprobs[i].content},
                 "finish_reason": self.reasons.get(i),
             }
             for i in range(self.job.slots)

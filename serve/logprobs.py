@@ -1,4 +1,7 @@
-"""OpenAI's `logprobs` object of a completion choice, built from the engine's per-token log-probabilities.
+"""OpenAI's `logprobs` objects of a completion choice and of a chat choice, built from the engine's per-token
+log-probabilities.
+
+Completions (`Logprobs`):
 
 `{"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}, ...], "text_offset": [...]}`: one
 entry per token, the prompt's tokens first with `echo` (the very first token's logprob and top are `null`: nothing
@@ -8,13 +11,23 @@ tokens (`<s>`) counting 0 since they are not part of the text. A token that ends
 (byte-level BPE) is shown as its vocabulary entry, so that the keys of `top_logprobs` stay distinct, and counts 0
 too: offsets after such a character are short by one per character. The sampled token is always in
 `top_logprobs`, which may hence hold `logprobs + 1` entries.
+
+Chat (`ChatLogprobs`): `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"},
+...]}, ...]}`, one entry per generated token with its `top_logprobs` most likely tokens (exactly that many, as
+OpenAI gives them). `bytes` are the token's own bytes, for a byte-level BPE tokenizer its raw bytes even where it
+ends inside a UTF-8 character, so that a client that joins them gets the reply's exact text; special tokens (the
+EOS that ends a reply) are left out of `content`, as they are out of the reply.
 """
 
 from __future__ import annotations
 
+from tokenizers import decoders
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 from .sampling import TokenLogprob
 
 REPLACEMENT = "\ufffd"  # what a partial UTF-8 character decodes to
+BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's alphabet, inverted
 
 
 class Logprobs:
@@ -59,4 +72,34 @@ class Logprobs:
             self.offset += length
         for key, values in chunk.items():
             self.whole[key] += values
+        return chunk
+
+
+class ChatLogprobs:
+    """The logprobs of one chat choice (module docstring), grown delta by delta."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
+        self.content: list[dict] = []
+
+    def describe(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        entry = self.tokenizer.convert_ids_to_tokens(token)
+        if self.byte_level and token not in self.special and all(c in BYTE_OF_CHAR for c in entry):
+            raw = [BYTE_OF_CHAR[c] for c in entry]
+        else:
+            raw = list(text.encode())
+        return {"token": entry if REPLACEMENT in text else text, "logprob": logprob, "bytes": raw}
+
+    def add(self, entries: list[TokenLogprob]) -> list[dict]:
+        """Appends the entries of generated tokens; returns those of this delta alone (a stream's chunk)."""
+        chunk = []
+        for e in entries:
+            if e.token in self.special:
+                continue
+            chunk.append(self.describe(e.token, e.logprob) | {"top_logprobs": [self.describe(*t) for t in e.top]})
+        self.content += chunk
         return chunk

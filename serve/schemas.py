@@ -163,7 +163,7 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # this server's limit, below OpenAI's 20
 
     def check(self, limits: Limits, prompts: int = 1) -> None:
         if self.max_completion_tokens is not None:
@@ -171,8 +171,8 @@ class ChatRequest(Sampling):
         if self.max_tokens == 0:
             raise BadRequest("max_tokens must be at least 1", "max_tokens")
         super().check(limits)
-        if self.logprobs or self.top_logprobs is not None:
-            raise BadRequest("logprobs are not supported for chat completions (use /v1/completions)", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
 
 
 class TokenizeRequest(BaseModel):

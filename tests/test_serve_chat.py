@@ -81,6 +81,33 @@ def test_a_streamed_chat_reply_adds_up_to_the_whole_one(client):
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
 
 
+def test_chat_logprobs_are_the_completions_ones_in_openais_chat_form(client, url, tokenizer):
+    request = dict(model="tiny", messages=STORY, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    reply = client.chat.completions.create(**request, extra_body={"ignore_eos": True})
+    [choice] = reply.choices
+    content = choice.logprobs.content
+    # the tokens' own bytes add up to the reply (special tokens, which add no text, are left out); the random tiny
+    # model writes invalid UTF-8 too, which the reply's text shows as U+FFFD, as any decoder would
+    joined = b"".join(bytes(e.bytes) for e in content)
+    assert joined.decode("utf-8", errors="replace") == choice.message.content
+    assert 0 < len(content) <= 12 and all(len(e.top_logprobs) == 2 for e in content)
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-6)
+    # the same numbers as the completions endpoint gives for the same prompt
+    ids = chat_prompt(tokenizer, STORY)
+    completion = complete(url, prompt=ids, max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)["choices"][0]
+    scored, special = completion["logprobs"], set(tokenizer.all_special_tokens)
+    kept = [lp for t, lp in zip(scored["tokens"], scored["token_logprobs"]) if t not in special]
+    assert [e.logprob for e in content] == pytest.approx(kept, abs=1e-5)
+
+    chunks = list(client.chat.completions.create(**request, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    plain = client.chat.completions.create(model="tiny", messages=STORY, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
 def test_tokenize_and_detokenize_round_trip(url, tokenizer):
     body = httpx.post(f"{url}/tokenize", json={"prompt": "The dog ran"}).json()
     assert body["tokens"] == tokenizer.encode("The dog ran") and body["count"] == len(body["tokens"])
@@ -96,7 +123,12 @@ BAD = {
     "no messages": ("/v1/chat/completions", {"messages": []}, "messages"),
     "unknown role": ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "a"}]}, "messages.0.role"),
     "content a number": ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
-    "chat logprobs": ("/v1/chat/completions", {"messages": STORY, "logprobs": True}, "logprobs"),
+    "chat top_logprobs alone": ("/v1/chat/completions", {"messages": STORY, "top_logprobs": 2}, "top_logprobs"),
+    "chat top_logprobs above 5": (
+        "/v1/chat/completions",
+        {"messages": STORY, "logprobs": True, "top_logprobs": 6},
+        "top_logprobs",
+    ),
     "chat too long": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "cat " * 40}]}, "messages"),
     "tokenize both": ("/tokenize", {"prompt": "a", "messages": STORY}, "prompt"),
     "tokenize neither": ("/tokenize", {}, "prompt"),
