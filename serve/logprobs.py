@@ -15,8 +15,9 @@ too: offsets after such a character are short by one per character. The sampled 
 Chat (`ChatLogprobs`): `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"},
 ...]}, ...]}`, one entry per generated token with its `top_logprobs` most likely tokens (exactly that many, as
 OpenAI gives them). `bytes` are the token's own bytes, for a byte-level BPE tokenizer its raw bytes even where it
-ends inside a UTF-8 character, so that a client that joins them gets the reply's exact text; special tokens (the
-EOS that ends a reply) are left out of `content`, as they are out of the reply.
+ends inside a UTF-8 character, so that a client that joins and decodes them gets the reply's text (where the model
+wrote invalid UTF-8, the reply shows U+FFFD, as decoding with errors="replace" does; a stop sequence cuts the
+reply, not the entries). Special tokens (the EOS that ends a reply) are left out of `content`, as out of the reply.
 """
 
 from __future__ import annotations
