@@ -35,9 +35,7 @@ SETTINGS = ["eager", "bf16", "compiled", "compiled_bf16"]
 
 def compile_blocks(model: torch.nn.Module) -> None:
     """Regional compilation in place: every block of the model's repeated `ModuleList` compiled, one graph each.
-    For Itera-Lite also its bf16 loss's chunk, as `--torch_compile true` does in `training.pretrain`."""
-    if isinstance(model, IteraLiteForCausalLM):
-        use_compiled_loss(True)
+    (Itera-Lite's bf16 loss chunk is compiled too, as under `--torch_compile true`: `Runner.train_step` switches it.)"""
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) and all(type(m) is type(module[0]) for m in module):
             for block in module:
@@ -80,6 +78,8 @@ class Runner:
 
     def train_step(self) -> None:
         self.model.train()
+        # the compiled loss chunk is a global switch: on for the compiled settings only, whichever runner ran last
+        use_compiled_loss(self.setting.startswith("compiled") and isinstance(self.model, IteraLiteForCausalLM))
         with autocast(self.setting):
             loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()

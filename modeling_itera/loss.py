@@ -34,8 +34,9 @@ def chunk_loss_and_grads(
     on unlabelled rows too (any: they are masked)."""
     log_probs = (h_chunk @ weight.T).float().log_softmax(dim=-1)  # (chunk, v)
     loss = -(log_probs.gather(1, target[:, None])[:, 0] * labelled).sum()
-    grad_logits = log_probs.exp().scatter_add(1, target[:, None], -labelled[:, None].to(log_probs.dtype))
-    grad_logits = (grad_logits * labelled[:, None]).to(h_chunk.dtype)
+    # built in place of log_probs: eager, no second (chunk x v) fp32 buffer; compiled, the same fused kernel
+    grad_logits = log_probs.exp_().scatter_add_(1, target[:, None], -labelled[:, None].to(log_probs.dtype))
+    grad_logits = grad_logits.mul_(labelled[:, None]).to(h_chunk.dtype)
     return loss, grad_logits @ weight, grad_logits.T @ h_chunk
 
 
