@@ -1,15 +1,17 @@
 """Serve Itera-Lite over HTTP: `python -m serve --model FOLDER_OR_HUB_ID [--port 8000]`.
 
 OpenAI-style `POST /v1/completions` and `/v1/chat/completions` (set `stream: true` for server-sent events),
-`GET /v1/models`, `POST /tokenize` and `/detokenize`, `GET /health` and `GET /metrics` (Prometheus). It listens
-on 127.0.0.1 unless `--host` says otherwise: put a proxy with authentication in front of it before exposing it,
-the server itself has none.
+`GET /v1/models`, `POST /tokenize` and `/detokenize`, `GET /health` and `GET /metrics` (Prometheus), and a page
+to try it in a browser at `/`. It listens on 127.0.0.1 unless `--host` says otherwise. With `--api-key` (or
+`ITERA_API_KEY` in the environment) every request but `/health` and the page must send `Authorization: Bearer KEY`;
+without one the server has no authentication. It speaks plain HTTP: put TLS in front of it before exposing it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from .app import create_app
 from .engine import Limits
 from .model import load
 
+API_KEY_VARIABLE = "ITERA_API_KEY"
 GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
 
 
@@ -105,12 +108,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a Jinja chat template file for /v1/chat/completions (default: the tokenizer's, else a story template)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_VARIABLE),
+        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_VARIABLE}; a key in the environment stays out "
+        "of `ps`)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.api_key is not None and not args.api_key.strip():
+        print(f"error: the API key (--api-key or ${API_KEY_VARIABLE}) is empty", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         state_cache_interval=args.state_cache_interval,
     )
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
-    app = create_app(model, tokenizer, limits, model_name=name, compile=args.compile, chat_template=template)
+    app = create_app(
+        model, tokenizer, limits, model_name=name, compile=args.compile, chat_template=template, api_key=args.api_key
+    )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
     )

@@ -10,15 +10,18 @@ OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so clients sh
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 import uuid
 from collections import defaultdict
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -41,14 +44,27 @@ from .schemas import (
 
 logger = logging.getLogger(__name__)
 
+STATIC = Path(__file__).resolve().parent / "static"  # the page at `/`: plain HTML, CSS and JS, no build step
 MAX_BODY_BYTES = 1 << 20  # a request body above 1 MiB is refused before it is parsed (413)
 EVENT_GRACE_S = 5.0  # how long past a request's deadline a handler waits for the engine before giving up itself
 # metric labels; anything else counts as "other"
-PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/metrics")
+PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/metrics",
+    "/",
+)
+OPEN_PATHS = ("/health", "/")  # answered without the API key: liveness probes, and the page (it asks for the key)
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, **kw):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status, **kw)
+def error(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code=None, **kw
+) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, **kw)
 
 
 class CountRequests:
@@ -74,6 +90,32 @@ class CountRequests:
             self.metrics.count_request(scope["path"] if scope["path"] in PATHS else "other", status)
 
 
+class RequireKey:
+    """ASGI middleware: every request but `OPEN_PATHS` (and the page's files) must carry `Authorization: Bearer
+    KEY`, compared in constant time (`hmac.compare_digest`), else 401 in OpenAI's shape, as OpenAI and vLLM answer."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.strip().encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.open(scope["path"]) or self.authorized(scope):
+            return await self.app(scope, receive, send)
+        message = "a valid API key is required: send it as the header `Authorization: Bearer KEY`"
+        response = error(401, message, "invalid_request_error", code="invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+    @staticmethod
+    def open(path: str) -> bool:
+        return path in OPEN_PATHS or path.startswith("/static/")
+
+    def authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # compare_digest on the whole token: a wrong key of any length takes the time of a wrong one of the same
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
 async def read_json(request: Request):
     """The parsed body, or `BadRequest`; refuses bodies over `MAX_BODY_BYTES` without reading them whole."""
     size, chunks = 0, []
@@ -95,10 +137,12 @@ def create_app(
     model_name: str = "itera-lite",
     compile: bool = False,
     chat_template: str | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The web app around a new engine for `model`; the engine thread starts and stops with the app.
     `compile` runs the engine's batched decode step compiled; `chat_template` (Jinja) replaces the tokenizer's
-    (or, where it has none, `chat.STORY_TEMPLATE`)."""
+    (or, where it has none, `chat.STORY_TEMPLATE`); `api_key`, if given, is required of every request but
+    `/health` and the page's files."""
     engine = Engine(model, tokenizer, limits, compile=compile)
     metrics = engine.metrics
     metrics.gauges = {
@@ -116,7 +160,9 @@ def create_app(
 
     app = FastAPI(title="Itera-Lite", lifespan=lifespan)
     app.state.engine = engine
-    app.add_middleware(CountRequests, metrics=metrics)
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # added last, so outermost: it counts the 401s too
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -126,6 +172,12 @@ def create_app(
     async def internal_error(request: Request, exc: Exception):
         logger.exception("unhandled error on %s", request.url.path)
         return error(500, "internal server error", "server_error")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
     async def health():

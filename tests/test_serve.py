@@ -70,9 +70,10 @@ class Server:
         self.thread.join(10)
 
 
-def start(model_dir, compile: bool = False, **limits):
+def start(model_dir, compile: bool = False, api_key: str | None = None, **limits):
     model, tokenizer = load(model_dir)
-    return Server(create_app(model, tokenizer, Limits(**limits), model_name="tiny", compile=compile))
+    app = create_app(model, tokenizer, Limits(**limits), model_name="tiny", compile=compile, api_key=api_key)
+    return Server(app)
 
 
 @pytest.fixture(scope="module")
