@@ -423,7 +423,10 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         A cache that `generate` or `load_state` filled knows the ids it has read: given the whole sequence with it,
         the first step feeds only the tokens it has not read."""
         cache = kwargs.get("cache")
-        if kwargs.get("is_first_iteration") and cache is not None and kwargs.get("next_sequence_length") is None:
+        if kwargs.get("is_first_iteration") and cache is not None:
+            # What the cache has read is known exactly, so it wins over transformers' guess: from 5.25 on, generate
+            # slices by `cache.get_seq_length()`, a count that a cache filled another way (`load_state`, a server's
+            # prefix cache) need not hold.
             unread = unread_length(input_ids, cache)
             if unread is not None:
                 kwargs["next_sequence_length"] = unread

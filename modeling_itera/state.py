@@ -47,6 +47,10 @@ def save_state(cache: DynamicCache, path: str | Path, input_ids: torch.Tensor | 
     if input_ids is not None:
         read = getattr(cache, READ_IDS, None)  # set by generate; else the cache read all of input_ids
         metadata["read_tokens"] = str(read.shape[1] if read is not None else input_ids.shape[1])
+    else:
+        seen = getattr(cache.layers[0], "cumulative_length_linear", None)  # transformers' own count, 5.25 on
+        if isinstance(seen, torch.Tensor):
+            metadata["read_tokens"] = str(int(seen))
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -77,7 +81,17 @@ def load_state(path: str | Path, model) -> tuple[DynamicCache, torch.Tensor | No
     if input_ids is not None:
         input_ids = input_ids.to(model.device)
         remember_read_ids(cache, input_ids[:, : int(metadata["read_tokens"])])
+    set_seen_tokens(cache, int(metadata.get("read_tokens", 0)))
     return cache, input_ids
+
+
+def set_seen_tokens(cache: DynamicCache, count: int) -> None:
+    """Sets the token count that transformers keeps on each recurrent layer (`get_seq_length`, 5.25 on): writing the
+    conv window above counted its width, not the tokens the state has read. 0 where the file does not say."""
+    for layer in cache.layers:
+        seen = getattr(layer, "cumulative_length_linear", None)
+        if isinstance(seen, torch.Tensor):
+            seen.fill_(count)
 
 
 def check_fits(path: Path, states: list[tuple[torch.Tensor, torch.Tensor]], config) -> None:
