@@ -3,6 +3,9 @@ as eager), the prompt checked once, and the argument names users bring from othe
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -79,7 +82,13 @@ def test_compiled_decode_step_of_a_serving_loop_equals_eager(sharp_model):
 @torch.no_grad()
 def test_without_a_cpp_compiler_compiled_generation_warns_once_and_runs_eager(tiny_model, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ to be found
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-compiler"))
+    # torch's own patch, undone by torch: monkeypatch's undo would delete the key from the config proxy for good.
+    with torch._inductor.config.patch({"cpp.cxx": (None, "no-such-compiler")}):
+        check_without_a_cpp_compiler(tiny_model)
+    assert torch._inductor.config.cpp.cxx is not None  # the setting is there for the tests that follow
+
+
+def check_without_a_cpp_compiler(tiny_model):
     assert not generation.have_cpp_compiler()
     ids = torch.randint(3, TINY["vocab_size"], (1, 5))
     eager = tiny_model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -129,3 +138,18 @@ def test_output_flags_set_on_the_config_are_honoured(tiny_model):
     as_tuple = tiny_model(ids)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], tiny_model(ids, return_dict=True).logits)
+
+
+def test_have_cpp_compiler_answers_where_the_config_key_was_deleted():
+    """What a `monkeypatch.setattr` undo leaves: `cpp.cxx` gone from torch's config. Run apart, so as not to do it
+    to this process."""
+    script = (
+        "from torch._inductor import config\n"
+        "from modeling_itera import generation\n"
+        "config.cpp.cxx = (None, 'x')\n"
+        "del config.cpp.cxx\n"
+        "print(generation.have_cpp_compiler())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in ("True", "False")
