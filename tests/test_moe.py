@@ -141,6 +141,21 @@ def test_every_dispatch_equals_the_definition_in_float64(dispatch, tokens):
     torch.testing.assert_close(out, reference_moe(moe, x), rtol=1e-12, atol=1e-12)
 
 
+def fp32_tolerance(reference: torch.Tensor, accumulation: int) -> dict:
+    """The error fp32 may make on a tensor whose float64 value is `reference`, from the computation, not the machine:
+    each rounded sum of `accumulation` terms errs by at most about accumulation x eps of its largest magnitude, and
+    the largest of the tensor bounds every partial sum that ends in it (a cancelling sum errs relative to its terms,
+    not its result, hence max|reference| rather than each element). A wrong route or weight errs by O(max|reference|),
+    thousands of times more."""
+    return dict(rtol=0.0, atol=accumulation * torch.finfo(torch.float32).eps * reference.abs().max().item())
+
+
+def moe_accumulation(moe: IteraLiteSparseMoE, tokens: int) -> int:
+    """The longest sum in an MoE forward + backward: a hidden and an intermediate contraction, then a weight gradient
+    that sums over every token slot of an expert."""
+    return moe.experts[0].gate_up_proj.in_features + moe.experts[0].down_proj.in_features + tokens * moe.top_k
+
+
 @pytest.mark.parametrize("dispatch", ["dense", "grouped", "looped"])
 def test_dispatch_forms_give_the_same_outputs_and_gradients(dispatch):
     """The grouped matmul has no float64 kernel: fp32 against the float64 definition, gradients included."""
@@ -153,13 +168,27 @@ def test_dispatch_forms_give_the_same_outputs_and_gradients(dispatch):
     x64 = x.detach().double().requires_grad_()
     ref = reference_moe(ref_moe, x64)
     ref.pow(2).sum().backward()
-    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+    n = moe_accumulation(moe, tokens=40)
+    torch.testing.assert_close(out.double(), ref, **fp32_tolerance(ref, n))
+    torch.testing.assert_close(x.grad.double(), x64.grad, **fp32_tolerance(x64.grad, n))
     for p, p64 in zip(moe.parameters(), ref_moe.parameters()):
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         grad64 = p64.grad if p64.grad is not None else torch.zeros_like(p64)
-        torch.testing.assert_close(grad, grad64.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad.double(), grad64, **fp32_tolerance(grad64, n))
     assert moe.experts[3].down_proj.weight.grad is None or moe.experts[3].down_proj.weight.grad.abs().sum() == 0
+
+
+def test_the_fp32_tolerance_catches_a_wrong_dispatch():
+    """Two experts' weights swapped, the error a mixed-up dispatch makes: far outside the tolerance above."""
+    moe = make_moe()
+    x = torch.randn(2, 20, TINY["hidden_size"]).abs()
+    out, _ = moe(x, dispatch="grouped")
+    swapped = copy.deepcopy(moe).double()
+    swapped.experts[0].load_state_dict(moe.experts[1].state_dict())
+    swapped.experts[1].load_state_dict(moe.experts[0].state_dict())
+    ref = reference_moe(swapped, x.double())
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(out.double(), ref, **fp32_tolerance(ref, moe_accumulation(moe, tokens=40)))
 
 
 def test_permuted_rows_have_the_gradient_of_plain_indexing():
