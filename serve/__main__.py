@@ -25,6 +25,8 @@ from .engine import Limits
 from .model import load
 
 API_KEY_VARIABLE = "ITERA_API_KEY"
+BACKENDS = ("torch", "onnx")
+TORCH_ONLY = ("dtype", "load_in_4bit", "trust_remote_code", "compile")  # flags that the ONNX backend cannot honour
 GRACEFUL_SHUTDOWN_S = 5  # on Ctrl-C, open streams get this long to finish before they are cut
 
 
@@ -43,10 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
-        default=default_model(),
-        help="model folder or Hub id (default: the bundled folder in a clone, else the Hub)",
+        default=None,
+        help="model folder or Hub id (default: the bundled folder in a clone, else the Hub); with --backend onnx, "
+        "an export folder of `python -m modeling_itera.export`",
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 halves memory on CPU too")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch: the model in PyTorch; onnx: an ONNX export in onnxruntime (fp32 or --int8)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="bfloat16 halves memory on CPU too (torch)")
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 weights (CPU: AVX512-BF16)")
     parser.add_argument("--trust-remote-code", action="store_true", help="for Hub repositories with remote code")
     parser.add_argument("--host", default="127.0.0.1")
@@ -115,7 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of `ps`)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.backend == "onnx":
+        given = [f"--{name.replace('_', '-')}" for name in TORCH_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)} apply to --backend torch only (an ONNX export fixes its weights)")
+        if args.model is None:
+            parser.error("--backend onnx needs --model EXPORT_FOLDER (python -m modeling_itera.export)")
+    args.model = args.model or default_model()
+    args.dtype = args.dtype or "float32"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load(args.model, args.dtype, args.load_in_4bit, args.trust_remote_code)
+        if args.backend == "onnx":
+            from .onnx_model import load_onnx  # onnxruntime only where it is asked for
+
+            model, tokenizer = load_onnx(args.model, threads=args.threads)
+        else:
+            model, tokenizer = load(args.model, args.dtype, args.load_in_4bit, args.trust_remote_code)
         template = args.chat_template.read_text() if args.chat_template else None
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -139,9 +139,12 @@ class Sequence:
     pending: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet sent with a delta
 
 
-def concat_caches(caches: list[DynamicCache]) -> DynamicCache:
-    """Stacks the per-sequence states of several recurrent caches into the first one, along the batch dim."""
+def concat_caches(caches: list) -> DynamicCache:
+    """Stacks the per-sequence states of several recurrent caches into the first one, along the batch dim (another
+    backend's state type stacks itself: `concatenate`)."""
     base = caches[0]
+    if not isinstance(base, DynamicCache):
+        return type(base).concatenate(caches)
     for i, layer in enumerate(base.layers):
         for name in ("conv_states", "recurrent_states"):
             held = getattr(layer, name)
@@ -155,23 +158,28 @@ class Engine:
     """Runs every generation of the server in one background thread.
 
     Args:
-        model: an Itera-Lite causal LM in eval mode (any model whose cache layers are all recurrent).
+        model: an Itera-Lite causal LM in eval mode (any model whose cache layers are all recurrent), or another
+            backend's model with the same call and a `new_cache()` (`serve.onnx_model.OnnxLM`).
         tokenizer: decodes generated ids; the engine keeps its own copy, used from its thread only.
         limits: batch slots, queue size and request timeout (lengths are checked by the web app).
         compile: run the batched decode step compiled (`torch.compile`, one graph); prefill stays eager.
     """
 
     def __init__(self, model, tokenizer, limits: Limits, metrics: Metrics | None = None, compile: bool = False):
-        if not all(DynamicCache(config=model.config).is_linear):
+        torch_model = isinstance(model, torch.nn.Module)
+        if torch_model and not all(DynamicCache(config=model.config).is_linear):
             raise ValueError("the engine batches fixed-size recurrent states: every cache layer must be linear")
+        if compile and not torch_model:
+            raise ValueError("compile applies to the PyTorch backend only")
         self.model, self.limits = model, limits
+        self.new_cache = model.new_cache if not torch_model else lambda: DynamicCache(config=model.config)
         self._step = compiled_decode_step(model) if compile else model
         self.tokenizer = copy.deepcopy(tokenizer)
         self.metrics = metrics or Metrics()
         eos = model.generation_config.eos_token_id
         eos = model.config.eos_token_id if eos is None else eos
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device if torch_model else model.device
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._active: list[Sequence] = []
@@ -299,7 +307,7 @@ class Engine:
         if not job.prompt_logprobs and self.state_cache.max_bytes:
             self.metrics.state_lookup(hit=cache is not None)
         if cache is None:
-            cache = DynamicCache(config=self.model.config)
+            cache = self.new_cache()
         if start < len(ids):
             if not job.prompt_logprobs and self.state_cache.max_bytes:
                 # States at fixed intervals of a long prompt too: a later prompt that shares only its beginning

@@ -23,7 +23,9 @@ class Entry:
     nbytes: int
 
 
-def state_bytes(cache: DynamicCache) -> int:
+def state_bytes(cache) -> int:
+    if not isinstance(cache, DynamicCache):  # another backend's state (`serve.onnx_model.OnnxState`)
+        return cache.nbytes
     return sum(
         t.nbytes
         for layer in cache.layers

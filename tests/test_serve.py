@@ -2,16 +2,23 @@
 
 The model is tiny and random (no checkpoint needed); its init is widened so that greedy decoding does not repeat
 one token, which would make "batched equals alone" trivially true.
+
+Every test that takes the `backend` fixture (through `server`, `url`, ...) runs against both backends: the model in
+PyTorch and its fp32 ONNX export in onnxruntime (exported once per test session, ~30 s).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import re
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +29,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
 from serve import Limits, create_app
 from serve.model import load
+from serve.onnx_model import load_onnx
 from serve.sampling import SamplingParams, filter_probs
 from serve.text import TextStream
 from tests.conftest import TINY
@@ -44,6 +52,33 @@ def model_dir(tmp_path_factory):
     IteraLiteForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript"))
+BACKENDS = ["torch", pytest.param("onnx", marks=pytest.mark.skipif(not HAVE_ONNX, reason="no [onnx] extra"))]
+EXPORTS: dict[str, Path] = {}  # the fp32 export of each tiny model (by its files' hash): one export per session
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "torch" or "onnx"
+    folder: Path  # the model folder, or its ONNX export
+
+
+def onnx_export(model_dir: Path, tmp_path_factory) -> Path:
+    from modeling_itera.export import export
+
+    digest = hashlib.sha256(b"".join((model_dir / f).read_bytes() for f in ("model.safetensors", "tokenizer.json")))
+    if digest.hexdigest() not in EXPORTS:
+        EXPORTS[digest.hexdigest()] = export(model_dir, tmp_path_factory.mktemp("tiny-onnx"))
+    return EXPORTS[digest.hexdigest()]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, model_dir, tmp_path_factory) -> Backend:
+    if request.param == "torch":
+        return Backend("torch", model_dir)
+    return Backend("onnx", onnx_export(model_dir, tmp_path_factory))
 
 
 class Server:
@@ -70,16 +105,19 @@ class Server:
         self.thread.join(10)
 
 
-def start(model_dir, compile: bool = False, api_key: str | None = None, **limits):
-    model, tokenizer = load(model_dir)
+def start(backend: Backend, compile: bool = False, api_key: str | None = None, **limits):
+    if backend.name == "onnx":
+        model, tokenizer = load_onnx(backend.folder)
+    else:
+        model, tokenizer = load(backend.folder)
     app = create_app(model, tokenizer, Limits(**limits), model_name="tiny", compile=compile, api_key=api_key)
     return Server(app)
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
+def server(backend):
     limits = dict(max_batch_size=8, max_prompt_tokens=32, max_new_tokens=48, queue_size=16, request_timeout=30)
-    with start(model_dir, **limits) as server:
+    with start(backend, **limits) as server:
         yield server
 
 
@@ -89,10 +127,10 @@ def url(server):
 
 
 @pytest.fixture(scope="module")
-def small_url(model_dir):
+def small_url(backend):
     """One slot, one waiting place and a 1 s timeout: a burst overflows it, a long request times out."""
     limits = dict(max_batch_size=1, max_prompt_tokens=32, max_new_tokens=100_000, queue_size=1, request_timeout=1.0)
-    with start(model_dir, **limits) as server:
+    with start(backend, **limits) as server:
         yield server.url
 
 
@@ -162,13 +200,32 @@ def test_concurrent_greedy_requests_equal_the_same_prompts_run_alone(url):
     assert steps - steps_before > ones - ones_before, "no decode step ran more than one sequence"
 
 
-def test_the_compiled_decode_step_serves_the_same_greedy_text_alone_and_batched(url, model_dir):
+def test_the_compiled_decode_step_serves_the_same_greedy_text_alone_and_batched(url, backend):
+    if backend.name != "torch":
+        pytest.skip("compile applies to the PyTorch backend (test_both_backends_serve_the_same_greedy_text)")
     alone = [greedy(url, p) for p in PROMPTS]  # the eager server
     limits = dict(max_batch_size=8, max_prompt_tokens=32, max_new_tokens=48, queue_size=16, request_timeout=120)
-    with start(model_dir, compile=True, **limits) as compiled:
+    with start(backend, compile=True, **limits) as compiled:
         assert [greedy(compiled.url, p) for p in PROMPTS] == alone
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             assert list(pool.map(lambda p: greedy(compiled.url, p), PROMPTS)) == alone
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="no [onnx] extra")
+def test_both_backends_serve_the_same_greedy_text(model_dir, tmp_path_factory):
+    """The fp32 export gives PyTorch's greedy tokens: prompts shorter and longer than a chunk (8 tokens), from zero
+    and resumed from the prefix cache (whole chunks in the prefill graph, the rest in decode steps), streamed."""
+    limits = dict(max_batch_size=8, max_prompt_tokens=128, max_new_tokens=48, queue_size=16, request_timeout=60)
+    onnx = Backend("onnx", onnx_export(model_dir, tmp_path_factory))
+    prompts = PROMPTS + [TEXTS[0], TEXTS[0] + " " + TEXTS[1], TEXTS[1] + " The cat"]
+    texts = {}
+    for backend in (Backend("torch", model_dir), onnx):
+        with start(backend, **limits) as server:
+            texts[backend.name] = [greedy(server.url, p, max_tokens=40) for p in prompts + prompts]
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                texts[backend.name] += list(pool.map(lambda p: greedy(server.url, p, max_tokens=40), prompts))
+            assert server.app.state.engine.state_cache.hits >= len(prompts)  # the repeats resumed from states
+    assert texts["onnx"] == texts["torch"] and len(set(texts["torch"])) > len(PROMPTS)
 
 
 def test_a_stop_string_ends_the_text_before_it(url):

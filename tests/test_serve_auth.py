@@ -18,7 +18,7 @@ LIMITS = dict(max_batch_size=4, max_prompt_tokens=32, max_new_tokens=16, queue_s
 
 @pytest.fixture(scope="module")
 def url(model_dir):
-    with test_serve.start(model_dir, api_key=KEY, **LIMITS) as server:
+    with test_serve.start(test_serve.Backend("torch", model_dir), api_key=KEY, **LIMITS) as server:
         yield server.url
 
 

@@ -17,7 +17,7 @@ from tests.test_serve import complete
 openai = pytest.importorskip("openai")
 
 # The tiny model and its server, as module fixtures of this file too (one server per module).
-model_dir, server, url = test_serve.model_dir, test_serve.server, test_serve.url
+model_dir, backend, server, url = test_serve.model_dir, test_serve.backend, test_serve.server, test_serve.url
 
 STORY = [
     {"role": "system", "content": "You are a helpful assistant."},

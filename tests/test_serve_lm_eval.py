@@ -11,7 +11,7 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # lm-eval[api]: what its API backends need
 pytest.importorskip("aiohttp")
 
-model_dir = test_serve.model_dir
+model_dir, backend = test_serve.model_dir, test_serve.backend
 MAX_LENGTH = 2048  # no story of the task is longer: one window each, the same for both backends
 
 STORIES = 6
@@ -34,8 +34,8 @@ def scores(model: str, model_args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def url(model_dir):
-    with test_serve.start(model_dir, max_prompt_tokens=MAX_LENGTH, max_new_tokens=8) as server:
+def url(backend):
+    with test_serve.start(backend, max_prompt_tokens=MAX_LENGTH, max_new_tokens=8) as server:
         yield server.url
 
 

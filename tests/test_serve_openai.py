@@ -18,7 +18,7 @@ from tests import test_serve
 from tests.test_serve import complete
 
 # The tiny model and its server, as module fixtures of this file too (one server per module).
-model_dir, server, url = test_serve.model_dir, test_serve.server, test_serve.url
+model_dir, backend, server, url = test_serve.model_dir, test_serve.backend, test_serve.server, test_serve.url
 
 openai = pytest.importorskip("openai")
 

@@ -31,7 +31,7 @@ WAIT_S = 60
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with test_serve.start(model_dir, **LIMITS) as server:
+    with test_serve.start(test_serve.Backend("torch", model_dir), **LIMITS) as server:
         yield server
 
 
