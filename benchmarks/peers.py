@@ -22,6 +22,7 @@ def build(name: str, preset: str = "tiny", dtype: torch.dtype = torch.float32) -
     width, depth, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
     if name == "itera-lite":
         model = IteraLiteForCausalLM(IteraLiteConfig(**shape))
+        model.fused_training_loss = True  # as training/ trains it
     elif name == "llama":
         model = LlamaForCausalLM(
             LlamaConfig(

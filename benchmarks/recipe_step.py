@@ -37,6 +37,7 @@ def worker(repo: Path, setting: str, steps: int) -> dict:
     preset = json.loads((repo / "configuration" / "models.json").read_text())["tiny"]
     torch.manual_seed(0)
     model = IteraLiteForCausalLM(IteraLiteConfig(**preset)).train()
+    model.fused_training_loss = True  # as training/ trains it (the baseline's code ignores it: it always fused)
     bf16 = False
     if setting == "recipe":
         sys.path.insert(0, str(REPO))  # this checkout's rule for bf16, applied to the baseline's model too

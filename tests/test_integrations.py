@@ -156,3 +156,56 @@ def test_lm_evaluation_harness_scores_a_local_task(model_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["stories_ppl"]
     assert 1.0 < results["byte_perplexity,none"] < 300  # a finite, sane perplexity from the random tiny model
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "checkpoints" / "itera-lite-tinystories"
+
+
+def test_trl_sft_trainer_fine_tunes_the_bundled_model_and_the_result_loads_and_generates(tmp_path):
+    """TRL reads the logits of every training step (its token accuracy): they must be there."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    stories = [
+        "Once upon a time, there was a little cat named Tom. Tom liked to play in the sun.",
+        "Lily had a red ball. She threw it to her dog, and the dog ran after it.",
+        "One day, a boy went to the park with his mom. They saw a big tree and sat under it.",
+        "The bird sang a happy song. All the animals in the forest came to listen.",
+    ] * 4
+    logged = []
+
+    class KeepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED)
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        max_length=64,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"text": stories}),
+        processing_class=tokenizer,
+        callbacks=[KeepLogs()],
+    )
+    trainer.train()
+    accuracies = [entry["mean_token_accuracy"] for entry in logged if "mean_token_accuracy" in entry]
+    assert len(accuracies) == 4 and all(0.0 < a <= 1.0 for a in accuracies)
+    trainer.save_model(str(tmp_path / "tuned"))
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").eval()
+    prompt = tokenizer("Once upon a time", return_tensors="pt")
+    out = tuned.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert tokenizer.decode(out[0, prompt["input_ids"].shape[1] :]).strip()

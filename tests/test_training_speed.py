@@ -29,6 +29,7 @@ def loss_and_grads(model, ids, labels, **kwargs):
 def test_fused_loss_has_the_loss_and_gradients_of_the_logits_path(tiny_config, num_items):
     # fp32: the logits path's ForCausalLMLoss upcasts to fp32 (not beyond), so a float64 model would compare fp32s
     model = IteraLiteForCausalLM(tiny_config).train()
+    model.fused_training_loss = True
     ids = torch.randint(0, tiny_config.vocab_size, (3, 40))  # 120 tokens: the MoE takes its grouped-sort path
     labels = ids.clone()
     labels[0, :7] = -100
@@ -83,15 +84,36 @@ def test_the_compiled_loss_chunk_gives_the_eager_chunk(monkeypatch):
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_logits_are_returned_except_when_training_with_labels(tiny_config):
+def test_logits_are_returned_always_unless_the_fused_loss_is_asked_for(tiny_config):
     model = IteraLiteForCausalLM(tiny_config)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    assert model.train()(ids, labels=ids).logits is not None  # as transformers' own models
+    assert model.train()(ids, labels=ids, return_logits=False).logits is None  # the fused loss, per call
+    model.fused_training_loss = True
     assert model.train()(ids, labels=ids).logits is None
     assert model(ids).logits is not None  # no labels
     with torch.no_grad():
         assert model(ids, labels=ids).logits is not None  # Trainer's evaluation loop
     assert model.eval()(ids, labels=ids).logits is not None
     assert model.eval()(ids, labels=ids, return_logits=False).logits is None
+
+
+def test_a_plain_training_loop_reads_the_logits_of_each_step(tiny_config):
+    """A distillation loss, as users write it: the student's logits while training, against a teacher's."""
+    student, teacher = IteraLiteForCausalLM(tiny_config).train(), IteraLiteForCausalLM(tiny_config).eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    with torch.no_grad():
+        target = teacher(ids).logits.log_softmax(-1)
+    losses = []
+    for _ in range(5):
+        out = student(ids, labels=ids)
+        kl = torch.nn.functional.kl_div(out.logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+        (kl + 0.0 * out.loss).backward()  # labels given, as a Trainer gives them; the student learns the teacher
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(kl.item())
+    assert losses[-1] < losses[0]
 
 
 def test_bf16_autocast_keeps_the_scan_in_fp32_and_follows_the_fp32_loss_curve(tiny_config, monkeypatch):

@@ -183,6 +183,14 @@ def build_model(args: ScriptArguments, tokenizer):
     raise ValueError(f"unknown --arch {args.arch!r}; valid: itera, llama")
 
 
+def use_fused_training_loss(model) -> None:
+    """The recipes train Itera-Lite through its fused LM head + cross-entropy (no logits held: less memory, the
+    training speed measured in benchmarks.train); a model of another architecture is left as it is."""
+    for module in model.modules():
+        if isinstance(module, modeling_itera.IteraLiteForCausalLM):
+            module.fused_training_loss = True
+
+
 def add_lora(model, args: ScriptArguments):
     """Freezes the model and adds trainable LoRA adapters (peft) to `args.lora_targets`."""
     from peft import LoraConfig, get_peft_model
@@ -330,6 +338,7 @@ def train(args: ScriptArguments, training_args: TrainingArguments) -> dict:
         training_args.eval_strategy = "no"
 
     model = build_model(args, tokenizer)
+    use_fused_training_loss(model)
     model.generation_config = GenerationConfig(
         **GENERATION_DEFAULTS,
         bos_token_id=tokenizer.bos_token_id,

@@ -61,8 +61,14 @@ def have_cpp_compiler() -> bool:
     """Whether Inductor can build CPU kernels here: it needs a C++ compiler ($CXX, or g++ / clang++ / c++)."""
     from torch._inductor import config as inductor_config
 
-    candidates = [c for c in (inductor_config.cpp.cxx or ()) if c] + ["g++", "clang++", "c++"]
-    return any(shutil.which(c) for c in candidates if c)
+    try:
+        configured = inductor_config.cpp.cxx or ()
+    except AttributeError:  # the key can be gone from torch's config proxy (a deleted override): use the defaults
+        configured = ()
+    if isinstance(configured, str):
+        configured = (configured,)
+    candidates = [c for c in configured if c] + ["g++", "clang++", "c++"]
+    return any(shutil.which(c) for c in candidates)
 
 
 @contextlib.contextmanager

@@ -289,6 +289,10 @@ class IteraLiteModel(IteraLitePreTrainedModel):
 
 class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Opt-in: train from the hidden states through the chunked LM head + cross-entropy, without the logits (see
+    # `forward`). Off by default, so that code reading `outputs.logits` while training (a distillation loss, a
+    # metric, transformers' checks) gets them as from any transformers model; `training/` turns it on.
+    fused_training_loss: bool = False
 
     def __init__(self, config: IteraLiteConfig):
         super().__init__(config)
@@ -317,11 +321,11 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         """Like `IteraLiteModel.forward`, plus the LM head and, when `labels` are given, the loss.
 
-        Training (train mode, autograd on, `labels` given) does not return `logits` (`logits=None`): the loss comes
-        from the hidden states through a chunked LM head + cross-entropy that never holds the (tokens x vocab)
-        logits, 16x less memory at 8 x 512 tokens. `return_logits=True` asks for the logits anyway (the loss is then
-        computed from them, as before); `return_logits=False` skips them in eval mode too. Evaluation, `generate`,
-        pipelines and lm-eval run in eval mode or without labels, and get their logits as always.
+        The logits are always returned, as by transformers' own models, unless the fused loss is asked for: with
+        `model.fused_training_loss = True` (what `training/` sets), training (train mode, autograd on, `labels`
+        given) returns `logits=None` and takes the loss from the hidden states through a chunked LM head +
+        cross-entropy that never holds the (tokens x vocab) logits, 16x less memory at 8 x 512 tokens.
+        `return_logits` decides per call: True gives the logits (the loss from them), False the fused loss.
 
         The loss is the shifted cross-entropy plus `router_aux_loss_coef` times the load-balancing loss of the MoE
         layers, always (training a MoE without it lets the routing collapse). Under gradient accumulation the
@@ -350,7 +354,9 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         if return_logits is None:
-            return_logits = labels is None or not (self.training and torch.is_grad_enabled())
+            return_logits = labels is None or not (
+                self.fused_training_loss and self.training and torch.is_grad_enabled()
+            )
         # The fused loss needs the whole sequence and a plain head (a LoRA- or bnb-wrapped head gets the logits path).
         fused_loss = (
             labels is not None
@@ -423,7 +429,10 @@ class IteraLiteForCausalLM(IteraLitePreTrainedModel, GenerationMixin):
         A cache that `generate` or `load_state` filled knows the ids it has read: given the whole sequence with it,
         the first step feeds only the tokens it has not read."""
         cache = kwargs.get("cache")
-        if kwargs.get("is_first_iteration") and cache is not None and kwargs.get("next_sequence_length") is None:
+        if kwargs.get("is_first_iteration") and cache is not None:
+            # What the cache has read is known exactly, so it wins over transformers' guess: from 5.25 on, generate
+            # slices by `cache.get_seq_length()`, a count that a cache filled another way (`load_state`, a server's
+            # prefix cache) need not hold.
             unread = unread_length(input_ids, cache)
             if unread is not None:
                 kwargs["next_sequence_length"] = unread
