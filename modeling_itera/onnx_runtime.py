@@ -260,6 +260,8 @@ class IteraOnnxModel:
         `eos_token_id=True`: the export's eos; None or False: no stop."""
         d = self.generation_defaults
         max_new_tokens = d.get("max_new_tokens", 100) if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if greedy is None:  # sampling when the generation config says so, or when a sampling argument is given
             greedy = not (d.get("do_sample", False) or any(v is not None for v in (temperature, top_k, top_p)))
         sampler = Sampler(
@@ -287,22 +289,69 @@ class IteraOnnxModel:
                 return
             logits, states = self.decode(token[:, None], states)
 
-    def generate(self, prompts: str | Sequence[str], skip_special_tokens: bool = True, **kwargs) -> str | list[str]:
-        """Text in, text out (a list for a list of prompts, batched with left padding). Arguments of `generate_ids`."""
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int | None = None,
+        greedy: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None | bool = True,
+        skip_special_tokens: bool = True,
+    ) -> str | list[str]:
+        """Text in, text out: a list for a list of prompts, batched with left padding.
+
+        Args:
+            prompts: one text or a list of texts.
+            max_new_tokens: tokens to generate at most (default: the export's generation config, else 100).
+            greedy: argmax decoding; None: sampling when the generation config says so or a sampling argument is set.
+            temperature, top_k, top_p: sampling settings (unset: the generation config's).
+            repetition_penalty: transformers' penalty of tokens already in the row (1.0: none).
+            seed: seeds the sampler's numpy generator.
+            eos_token_id: True: the export's eos ends a row; an id: that one; None or False: no stop.
+            skip_special_tokens: drop special tokens from the decoded text.
+
+        Returns:
+            the generated text (without the prompt), or one per prompt.
+        """
         ids, mask = self.encode(prompts)
-        steps = list(self.generate_ids(ids, mask, **kwargs))
+        steps = list(
+            self.generate_ids(
+                ids, mask, max_new_tokens, greedy, temperature, top_k, top_p, repetition_penalty, seed, eos_token_id
+            )
+        )
         tokens = np.stack(steps, axis=1) if steps else np.zeros((ids.shape[0], 0), dtype=np.int64)
         texts = [self.tokenizer.decode(self._until_eos(row), skip_special_tokens=skip_special_tokens) for row in tokens]
         return texts[0] if isinstance(prompts, str) else texts
 
-    def stream(self, prompt: str, skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
-        """One prompt; yields the new text as it grows. Each piece is cut from the decoded prompt + new tokens, so
-        that spaces and merged characters come out as in one decode."""
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = None,
+        greedy: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None | bool = True,
+        skip_special_tokens: bool = True,
+    ) -> Iterator[str]:
+        """One prompt; yields the new text as it grows (arguments as in `generate`). Each piece is cut from the
+        decoded prompt + new tokens, so that spaces and merged characters come out as in one decode."""
         ids, mask = self.encode(prompt)
         prompt_ids = ids[0].tolist()
         shown = self.tokenizer.decode(prompt_ids, skip_special_tokens=skip_special_tokens)
         new = []
-        for token in self.generate_ids(ids, mask, **kwargs):
+        steps = self.generate_ids(
+            ids, mask, max_new_tokens, greedy, temperature, top_k, top_p, repetition_penalty, seed, eos_token_id
+        )
+        for token in steps:
             new = self._until_eos([*new, int(token[0])])
             text = self.tokenizer.decode(prompt_ids + new, skip_special_tokens=skip_special_tokens)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

@@ -5,6 +5,7 @@ exported states equals one prefill, int8 costs < 1% perplexity, and the generato
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -243,3 +244,20 @@ def test_cli_backend_onnx(exported, onnx_model, capsys, tmp_path):
     assert capsys.readouterr().out == f"the cat{streamed}\n"
     assert cli.main(["--backend", "onnx", "--model", str(tmp_path), "the cat"]) == 2
     assert "no itera_onnx.json" in capsys.readouterr().err
+
+
+GENERATION_ARGUMENTS = "max_new_tokens greedy temperature top_k top_p repetition_penalty seed eos_token_id".split()
+
+
+@pytest.mark.parametrize("method", ["generate", "stream"])
+def test_generate_and_stream_show_their_arguments_and_refuse_others(onnx_model, method):
+    parameters = inspect.signature(getattr(IteraOnnxModel, method)).parameters
+    assert [*GENERATION_ARGUMENTS, "skip_special_tokens"] == [
+        p for p in parameters if p not in ("self", "prompts", "prompt")
+    ]
+    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    run = getattr(onnx_model, method)
+    with pytest.raises(TypeError, match="max_tokens"):
+        list(run("the cat", max_tokens=3))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(run("the cat", max_new_tokens=-1))
