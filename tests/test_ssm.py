@@ -166,3 +166,38 @@ def test_sequential_reference_with_boundaries_runs_each_document_alone():
         y, state = ssd_sequential(x[:, part], dt[:, part], A, B[:, part], C[:, part], s0 if i == 0 else None)
         torch.testing.assert_close(y_packed[:, part], y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(final_packed, state, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [24, 30], ids=["whole-chunks", "ragged-tail"])
+def test_chunk_states_are_the_sequential_states_at_the_chunk_boundaries(length):
+    x, dt, A, B, C, s0 = random_inputs(l=length)
+    _, final, entering = ssd_chunked(x, dt, A, B, C, 8, s0, return_chunk_states=True)
+    assert entering.shape[1] == -(-length // 8)
+    torch.testing.assert_close(entering[:, 0], s0)
+    for j in range(1, entering.shape[1]):
+        _, state = ssd_sequential(x[:, : 8 * j], dt[:, : 8 * j], A, B[:, : 8 * j], C[:, : 8 * j], s0)
+        torch.testing.assert_close(entering[:, j], state, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("resumed", [0, 5], ids=["from-zero", "from-a-cache"])
+def test_mixer_checkpoints_equal_the_cache_after_each_chunk_boundary(resumed):
+    """With `cache.chunk_checkpoints` set, one forward leaves the conv window and the SSM state of every chunk
+    boundary inside it: the same as the cache of a forward that stops there."""
+    mixer, config = mixer_in_float64()
+    x = torch.randn(2, resumed + 29, config.hidden_size, dtype=torch.float64)
+    cache = DynamicCache(config=config)
+    if resumed:
+        mixer(x[:, :resumed], cache)
+    cache.chunk_checkpoints = {}
+    mixer(x[:, resumed:], cache)
+    recorded = cache.chunk_checkpoints[mixer.layer_idx]
+    ends = list(range(config.chunk_size, 29, config.chunk_size))
+    assert recorded["conv"].shape[1] == recorded["ssm"].shape[1] == len(ends) == 3
+    for j, end in enumerate(ends):
+        stopped = DynamicCache(config=config)
+        for part in ([x[:, :resumed]] if resumed else []) + [x[:, resumed : resumed + end]]:
+            mixer(part, stopped)
+        layer = stopped.layers[mixer.layer_idx]
+        torch.testing.assert_close(recorded["conv"][:, j], layer.conv_states[0])
+        torch.testing.assert_close(recorded["ssm"][:, j], layer.recurrent_states[0], rtol=1e-10, atol=1e-10)
