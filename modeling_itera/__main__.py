@@ -12,10 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, TextStreamer
-
-from modeling_itera import defaults  # importing the package also registers the Auto classes
+from modeling_itera import defaults  # torch-free: `--backend onnx` runs where torch is not installed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.backend == "onnx":
         return run_onnx(args)
+    return run_torch(args)
+
+
+def run_torch(args: argparse.Namespace) -> int:
+    """The story from a transformers model folder or Hub id, streamed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, TextStreamer
+
+    import modeling_itera  # noqa: F401  (registers the Auto classes)
+
     local = Path(args.model).exists()
     if local and not (Path(args.model) / "config.json").exists():
         print(f"error: {args.model} is not a model folder (no config.json in it)", file=sys.stderr)

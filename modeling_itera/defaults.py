@@ -6,12 +6,32 @@ Not part of the model's remote code: modeling_itera.py and configuration_itera.p
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import torch
+
+class TorchDtypes(Mapping):
+    """`--dtype` name -> torch dtype, importing torch only when a dtype is looked up: the story CLI's ONNX backend
+    reads these names (its `--dtype` choices) in an environment that has no torch."""
+
+    NAMES = ("float32", "bfloat16", "float16")
+
+    def __getitem__(self, name: str):
+        if name not in self.NAMES:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
 
 # `--dtype` names accepted by every program that loads a model.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TorchDtypes()
 
 # The model trained on TinyStories: bundled in a clone of the repository, published on the Hub for installed copies.
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "itera-lite-tinystories"
@@ -27,6 +47,7 @@ def default_model() -> str:
 def nf4_config():
     """The 4-bit setting used everywhere (bitsandbytes nf4, bf16 compute); a new object each call, as
     `from_pretrained` may modify the one it is given."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
