@@ -266,7 +266,7 @@ class IteraLiteMixer(nn.Module):
         if (checkpoints := getattr(cache, "chunk_checkpoints", None)) is not None:
             # Opt-in (a server's prefix cache sets the dict): the conv window, the last K inputs, at each chunk
             # boundary inside this call, in the cache's layout (b, m, conv_dim, K) for m boundaries.
-            ends = torch.arange(self.chunk_size, l, self.chunk_size, device=xBC.device)
+            ends = torch.arange(self.chunk_size, max(l, self.chunk_size), self.chunk_size, device=xBC.device)
             rows = xBC.shape[1] - l + ends[:, None] - K + torch.arange(K, device=xBC.device)  # (m, K)
             checkpoints.setdefault(self.layer_idx, {})["conv"] = xBC[:, rows].permute(0, 1, 3, 2)
         window = xBC[:, -(l + K - 1) :]  # (b, l+K-1, conv_dim)

@@ -57,8 +57,10 @@ class Limits:
     max_new_tokens: int = 512
     queue_size: int = 64
     request_timeout: float = 120.0
-    state_cache_bytes: int = 64 << 20  # prefix cache of prompt-end states (0: off); ~0.6 MB each, bundled model
-    state_cache_interval: int = 512  # also keep the state every this many tokens of a long prompt (0: ends only)
+    state_cache_bytes: int = 64 << 20  # prefix cache of prompt states (0: off); ~0.6 MB each, bundled model
+    # Also keep a checkpoint every this many tokens of a prompt (0: prompt ends only). PyTorch takes them from the
+    # chunked scan's chunk boundaries (free; the interval is rounded up to whole chunks); ONNX prefills in pieces.
+    state_cache_interval: int = 64
 
 
 # Events a job's sink receives, in order: PromptScored per prompt (if asked), Delta*, Finished per choice, then Done;
@@ -302,16 +304,19 @@ class Engine:
 
     def _prefill_prompt(self, job: Job, p: int, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
         """One prompt's batch-1 state and (v,) last logits: from the state cache where a prefix of it is there
-        (only the rest is run), else from zero; the result goes into the cache for later prompts."""
+        (only the rest is run), else from zero; the result goes into the cache for later prompts, with checkpoints
+        along the prompt, so that a later prompt that leaves this one anywhere resumes within an interval of it."""
         start, cache, last = (0, None, None) if job.prompt_logprobs else self.state_cache.lookup(ids)
-        if not job.prompt_logprobs and self.state_cache.max_bytes:
+        caching = bool(self.state_cache.max_bytes and not job.prompt_logprobs)
+        if caching:
             self.metrics.state_lookup(hit=cache is not None)
         if cache is None:
             cache = self.new_cache()
+        read = len(ids) - start
         if start < len(ids):
-            if not job.prompt_logprobs and self.state_cache.max_bytes:
-                # States at fixed intervals of a long prompt too: a later prompt that shares only its beginning
-                # (the same long context, another question) resumes from the last interval inside the shared part.
+            if caching and self.limits.state_cache_interval and isinstance(cache, DynamicCache):
+                cache.chunk_checkpoints = {}  # the scan records its chunk-boundary states (`_keep_checkpoints`)
+            elif caching and self.limits.state_cache_interval:  # another backend: prefill in pieces
                 for end in self._interval_ends(start, len(ids)):
                     chunk = torch.tensor([ids[start:end]], device=self.device)
                     out = self.model(chunk, cache=cache, use_cache=True, logits_to_keep=1)
@@ -322,13 +327,36 @@ class Engine:
                 ids_t, cache=cache, use_cache=True, logits_to_keep=0 if job.prompt_logprobs else 1
             )  # logits_to_keep 0: every position's logits
             cache, last = out.cache, out.logits[0, -1]
+            if getattr(cache, "chunk_checkpoints", None) is not None:
+                self._keep_checkpoints(ids, start, cache)
             if job.prompt_logprobs:
                 scored = token_logprobs(out.logits[0, :-1], ids_t[0, 1:], job.logprobs or 0)
                 self._send(job, PromptScored(p, [None, *scored]))
             if self.state_cache.max_bytes:
                 self.state_cache.put(ids, cache, last)
-        self.metrics.count_prompt(len(ids) - start)
+        self.metrics.count_prompt(read)
         return cache, last
+
+    def _keep_checkpoints(self, ids: list[int], start: int, cache: DynamicCache) -> None:
+        """Puts the chunk-boundary states that the mixers recorded during the prefill of `ids[start:]` into the state
+        cache, every `state_cache_interval` tokens (rounded up to whole chunks) from `start`: each a copy of the
+        final cache with the boundary's conv window and SSM state in place of the last ones."""
+        recorded = cache.chunk_checkpoints
+        del cache.chunk_checkpoints  # before any copy of the cache, and so that nothing else records into it
+        layers = range(len(cache.layers))
+        # Nothing to keep where a layer has no mixer, or the prefill was one token (a decode step records nothing).
+        if sorted(recorded) != list(layers) or any(recorded[i].keys() != {"conv", "ssm"} for i in layers):
+            return
+        chunk = self.model.config.chunk_size
+        every = -(-self.limits.state_cache_interval // chunk) * chunk
+        for j in range(recorded[0]["ssm"].shape[1]):
+            if ((j + 1) * chunk) % every:
+                continue
+            memo = {}  # deepcopy puts these in place of the final state's tensors, and copies the rest
+            for i, layer in enumerate(cache.layers):
+                memo[id(layer.conv_states[0])] = recorded[i]["conv"][:, j].clone()
+                memo[id(layer.recurrent_states[0])] = recorded[i]["ssm"][:, j].clone()
+            self.state_cache.put(ids[: start + (j + 1) * chunk], copy.deepcopy(cache, memo), None, owned=True)
 
     def _interval_ends(self, start: int, length: int) -> range:
         """The multiples of the state interval strictly between `start` and `length` (none if the interval is 0)."""

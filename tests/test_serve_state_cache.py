@@ -4,6 +4,7 @@ that differ inside the prefix never share a state."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from serve.state_cache import StateCache, state_bytes
+from serve.state_cache import KEY_BYTES_PER_TOKEN, StateCache, state_bytes
 from tests import test_serve
 from tests.test_serve import greedy
 
@@ -65,7 +66,7 @@ def tiny_state(engine, ids: list[int]) -> tuple[object, torch.Tensor]:
 
 def test_eviction_keeps_the_budget_and_a_different_prefix_shares_nothing(warm):
     engine = warm.app.state.engine
-    one = state_bytes(tiny_state(engine, [1, 5])[0]) + engine.model.config.vocab_size * 4
+    one = state_bytes(tiny_state(engine, [1, 5])[0]) + engine.model.config.vocab_size * 4 + KEY_BYTES_PER_TOKEN * 2
     cache = StateCache(max_bytes=2 * one)
     for ids in ([1, 5], [1, 6], [1, 7]):
         cache.put(ids, *tiny_state(engine, ids))
@@ -93,3 +94,52 @@ def test_a_prompt_that_shares_only_the_beginning_of_a_long_one_resumes_from_an_i
         assert greedy(server.url, other) == greedy(cold_url, other)
         assert lookups(server.url).get("hit", 0) == before + 1
     assert first == greedy(cold_url, long_story)
+
+
+def nodes(cache: StateCache) -> int:
+    stack, count = [cache.root], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        stack += node.children.values()
+    return count
+
+
+def test_the_radix_tree_finds_the_deepest_entry_and_prunes_what_eviction_leaves(warm):
+    engine = warm.app.state.engine
+    state, logits = tiny_state(engine, [1, 5])
+    one = state_bytes(state) + logits.nbytes + KEY_BYTES_PER_TOKEN * 6
+    cache = StateCache(max_bytes=4 * one)
+    cache.put([1, 5, 6, 7, 8, 9], state, logits)
+    cache.put([1, 5, 6], state, None)  # a checkpoint inside the first: splits its edge
+    cache.put([1, 5, 2, 2], state, logits)  # branches off at the third token
+    assert nodes(cache) == 5  # root, [1 5] (branching), [6], [7 8 9], [2 2]
+    assert cache.lookup([1, 5, 6, 7, 8, 9, 4])[0] == 6
+    assert cache.lookup([1, 5, 6, 7, 3])[0] == 3  # leaves inside an edge: the checkpoint before
+    assert cache.lookup([1, 5, 6])[0] == 0  # a checkpoint has no logits: it cannot end a prompt
+    assert cache.lookup([1, 5, 2, 2])[0] == 4 and cache.lookup([1, 5])[0] == 0
+    cache.put([1, 5, 6], state, logits)  # a prompt's end replaces the checkpoint at the same prefix
+    assert cache.lookup([1, 5, 6])[0] == 3 and len(cache.entries) == 3
+    for key in list(cache.entries):
+        cache._remove(key)
+    assert nodes(cache) == 1 and cache.bytes == 0
+
+
+def prompt_tokens(url: str) -> int:
+    return int(re.search(r"^itera_prompt_tokens_total (\d+)", httpx.get(f"{url}/metrics").text, re.M).group(1))
+
+
+def test_a_prompt_that_leaves_a_cached_one_resumes_within_one_chunk(cold_url, backend):
+    """Checkpoints on the chunk grid (8 tokens here): a second ending of a long story reads again only what lies
+    after the last boundary before the two part, and gives the text that it gives without the cache."""
+    story = "Once upon a time there was a little cat who liked to play. The dog ran to the park and found"
+    first, second = story + " a big red ball.", story + " the sun under a tree."
+    with test_serve.start(backend, **{**LIMITS, "state_cache_interval": 8}) as server:
+        tokenizer = server.app.state.engine.tokenizer
+        shared = len(os.path.commonprefix([tokenizer.encode(first), tokenizer.encode(second)]))
+        assert shared > 16
+        assert greedy(server.url, first) == greedy(cold_url, first)
+        before = prompt_tokens(server.url)
+        assert greedy(server.url, second) == greedy(cold_url, second)
+        read = prompt_tokens(server.url) - before
+    assert read == len(tokenizer.encode(second)) - shared // 8 * 8

@@ -185,6 +185,10 @@ def test_mixer_checkpoints_equal_the_cache_after_each_chunk_boundary(resumed):
     """With `cache.chunk_checkpoints` set, one forward leaves the conv window and the SSM state of every chunk
     boundary inside it: the same as the cache of a forward that stops there."""
     mixer, config = mixer_in_float64()
+    short = DynamicCache(config=config)
+    short.chunk_checkpoints = {}
+    mixer(torch.randn(2, 3, config.hidden_size, dtype=torch.float64), short)  # shorter than a chunk: no boundary
+    assert short.chunk_checkpoints[mixer.layer_idx]["conv"].shape[1] == 0
     x = torch.randn(2, resumed + 29, config.hidden_size, dtype=torch.float64)
     cache = DynamicCache(config=config)
     if resumed:
