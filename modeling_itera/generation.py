@@ -3,7 +3,8 @@
 `generate` in transformers compiles the decode step's forward only on accelerators and only with a cache whose type
 is not exactly `DynamicCache`. A recurrent model is where a compiled step pays most on a CPU too (its step is a few
 hundred small ops, bound by per-op overhead, not FLOPs), so an explicit `compile_config` here means "compile", on
-the CPU as well: the model then generates with transformers' `StaticCache` (the same fixed-size recurrent layers).
+the CPU as well: the model then generates with a `DynamicCache` subclass that `generate` agrees to compile (the
+same fixed-size recurrent layers, and the cache type users get without a `compile_config`).
 Without a `compile_config`, behaviour is transformers' default. Where no C++ compiler exists, it warns once and runs
 eager.
 """
@@ -15,6 +16,7 @@ import os
 import shutil
 
 import torch
+from transformers import DynamicCache
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -82,6 +84,13 @@ def prompt_checked_once(model):
         model.model.skip_token_range_check = previous
 
 
+class CompilableDynamicCache(DynamicCache):
+    """A `DynamicCache` that `generate` compiles the decode step with. transformers never compiles a cache whose type
+    is exactly `DynamicCache` (so that linear-attention models do not always compile), but any other compileable
+    cache it does; the layers, their fixed-size states and every method are `DynamicCache`'s own, so callers get
+    the cache type that transformers returns for the same call without a `compile_config`."""
+
+
 def prepare_compiled_generation(model, kwargs: dict) -> contextlib.AbstractContextManager:
     """Turns an explicit `compile_config` into a compiled decode step on this device; edits `kwargs` of `generate`.
 
@@ -102,9 +111,12 @@ def prepare_compiled_generation(model, kwargs: dict) -> contextlib.AbstractConte
     compile_config = type(compile_config)(**compile_config.to_dict())  # the user's object stays as it was
     compile_config._compile_all_devices = True
     kwargs["compile_config"] = compile_config
-    if kwargs.get("cache") is None and kwargs.get("cache_implementation") is None:
-        # DynamicCache is never compiled by generate (by type); StaticCache holds the same fixed-size layers.
-        kwargs["cache_implementation"] = "static"
+    if (
+        kwargs.get("cache") is None
+        and kwargs.get("past_key_values") is None
+        and kwargs.get("cache_implementation") is None
+    ):
+        kwargs["cache"] = CompilableDynamicCache(config=model.config)
     return inductor_cpu_settings() if on_cpu else contextlib.nullcontext()
 
 

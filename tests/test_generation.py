@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, DynamicCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
@@ -62,6 +62,24 @@ def test_compiled_generation_is_one_graph_without_recompiles_and_equals_eager(sh
     assert not counters["recompiles"], dict(counters["recompiles"])
     assert compiled.sequences.tolist() == eager.sequences.tolist()
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
+    assert isinstance(compiled.cache, type(eager.cache))  # the cache type transformers returns (see the next test)
+
+
+@torch.no_grad()
+def test_compile_config_returns_the_cache_type_transformers_returns(tiny_model):
+    """transformers' own generation tests compare a compile_config call under `force_eager` with a plain one: the
+    same (DynamicCache) cache comes back, and continuing from it gives the same tokens."""
+    ids = torch.randint(3, TINY["vocab_size"], (2, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    plain = tiny_model.generate(ids, **kwargs)
+    with torch.compiler.set_stance("force_eager"):
+        eager = tiny_model.generate(ids, compile_config=CompileConfig(), **kwargs)
+    assert type(plain.cache) is DynamicCache
+    assert isinstance(eager.cache, DynamicCache) and not isinstance(eager.cache, StaticCache)
+    assert eager.sequences.tolist() == plain.sequences.tolist()
+    more = dict(max_new_tokens=4, do_sample=False)
+    continued = tiny_model.generate(eager.sequences, cache=eager.cache, **more)
+    assert continued.tolist() == tiny_model.generate(plain.sequences, cache=plain.cache, **more).tolist()
 
 
 @torch.no_grad()
