@@ -11,11 +11,17 @@ prefilled from the cached state. Three cases, each prompt built from story words
     alone   a ~20-token prompt that nothing has cached (a miss)
     cold    a ~2000-token prompt that nothing has cached (a miss)
     hit     the cold case's prompt again, plus a new ~20-token suffix (a hit: only the suffix is prefilled)
+    branch  a new ~2000-token prefix with one ~20-token ending (sent first, not timed), then with another: the
+            branching of a "regenerate" or a chat; it resumes from the last chunk-grid checkpoint inside the prefix
+
+After the timed runs, each branch prompt's greedy text (32 tokens) is compared with that of a second server without
+the cache (`--state-cache-bytes 0`): `greedy_equal_to_no_cache` in the result.
 
 Each repetition runs alone, cold, hit streamed (seconds from sending to the first `data:` chunk with text), then
 again non-streamed (the whole one-token request), each with prompts of its own. The cases are interleaved so that a
 drift of the machine (another job, a thermal limit) touches all three alike. Reports the medians in ms, the ratios
-cold/hit (target >= 10) and hit/alone (target <= 1.5), and the server's cache hits and misses during the run
+cold/hit and cold/branch (target >= 10) and
+hit/alone and branch/alone (target <= 1.5), and the server's cache hits and misses during the run
 (GET /metrics). Prints a table and the JSON; a run on a real model also writes benchmarks/results/ttft.json.
 """
 
@@ -37,8 +43,9 @@ from benchmarks.load_test import STORY_WORDS, own_server, tiny_model, token_coun
 from benchmarks.peers import machine, save
 from modeling_itera.defaults import BUNDLED_MODEL
 
-CASES = ("alone", "cold", "hit")
-TARGETS = {"cold_over_hit": 10.0, "hit_over_alone": 1.5}  # cold/hit at least, hit/alone at most
+CASES = ("alone", "cold", "hit", "branch")
+TARGETS = {"cold_over_hit": 10.0, "hit_over_alone": 1.5}  # cold/hit at least, hit/alone at most; branch alike
+CHECK_TOKENS = 32  # greedy tokens compared with and without the cache
 
 
 def words(seed: int, count: int) -> str:
@@ -53,9 +60,16 @@ def word_counts(url: str, short_tokens: int, long_tokens: int) -> tuple[int, int
 
 
 def prompts(fresh: itertools.count, short: int, long: int) -> dict[str, str]:
-    """One repetition's prompts, in the order they must be sent: the hit extends the cold prompt sent just before."""
-    prefix = words(next(fresh), long)
-    return {"alone": words(next(fresh), short), "cold": prefix, "hit": f"{prefix} {words(next(fresh), short)}"}
+    """One repetition's prompts, in the order they must be sent: the hit extends the cold prompt sent just before;
+    `setup` (not timed) is the branch's prefix with another ending."""
+    prefix, other = words(next(fresh), long), words(next(fresh), long)
+    return {
+        "alone": words(next(fresh), short),
+        "cold": prefix,
+        "hit": f"{prefix} {words(next(fresh), short)}",
+        "setup": f"{other} {words(next(fresh), short)}",
+        "branch": f"{other} {words(next(fresh), short)}",
+    }
 
 
 def body(prompt: str) -> dict:
@@ -118,7 +132,25 @@ def ratios(medians: dict[str, float]) -> dict[str, float]:
     return {
         "cold_over_hit": round(medians["cold"] / medians["hit"], 2),
         "hit_over_alone": round(medians["hit"] / medians["alone"], 2),
+        "cold_over_branch": round(medians["cold"] / medians["branch"], 2),
+        "branch_over_alone": round(medians["branch"] / medians["alone"], 2),
     }
+
+
+def meets(found: dict[str, float]) -> bool:
+    return all(
+        found[f"cold_over_{case}"] >= TARGETS["cold_over_hit"]
+        and found[f"{case}_over_alone"] <= TARGETS["hit_over_alone"]
+        for case in ("hit", "branch")
+    )
+
+
+def greedy_texts(url: str, texts: list[str]) -> list[str]:
+    request = {"max_tokens": CHECK_TOKENS, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=600) as http:
+        return [
+            http.post(f"{url}/v1/completions", json=request | {"prompt": t}).json()["choices"][0]["text"] for t in texts
+        ]
 
 
 def measure(url: str, args: argparse.Namespace) -> dict:
@@ -127,6 +159,7 @@ def measure(url: str, args: argparse.Namespace) -> dict:
     fresh = itertools.count(1)
     times = {ask.__name__: {case: [] for case in CASES} for ask in ASKS}
     tokens = {case: [] for case in CASES}
+    branches = []
     with httpx.Client(timeout=600) as http:
         for ask in ASKS:
             for prompt in prompts(fresh, short, long).values():
@@ -136,13 +169,17 @@ def measure(url: str, args: argparse.Namespace) -> dict:
             for ask in ASKS:
                 for case, prompt in prompts(fresh, short, long).items():
                     seconds, count = ask(http, url, prompt)
+                    if case == "setup":
+                        continue
                     times[ask.__name__][case].append(seconds)
                     tokens[case].append(count)
+                    branches += [prompt] if case == "branch" else []
     after = state_cache(url)
+    cached_texts = greedy_texts(url, branches)
     streamed = {case: ms(times["first_chunk"][case]) for case in CASES}
     plain = {case: ms(times["one_token"][case]) for case in CASES}
     found = ratios(streamed)
-    cache = {k: after[k] - before[k] for k in ("hits", "misses")} | {"expected_hits": len(ASKS) * args.repeats}
+    cache = {k: after[k] - before[k] for k in ("hits", "misses")} | {"expected_hits": 3 * len(ASKS) * args.repeats}
     cache |= {"entries_at_end": after["entries"], "bytes_at_end": after["bytes"]}
     health = httpx.get(f"{url}/health", timeout=10).json()
     settings = {"repeats": args.repeats, "short_tokens": args.short_tokens, "long_tokens": args.long_tokens}
@@ -156,9 +193,10 @@ def measure(url: str, args: argparse.Namespace) -> dict:
         "ratios": found,
         "one_token_ratios": ratios(plain),
         "targets": TARGETS,
-        "meets_targets": found["cold_over_hit"] >= TARGETS["cold_over_hit"]
-        and found["hit_over_alone"] <= TARGETS["hit_over_alone"],
+        "meets_targets": meets(found),
         "state_cache": cache,
+        "branch_prompts": branches,
+        "branch_texts": cached_texts,
     }
 
 
@@ -174,9 +212,12 @@ def table(result: dict) -> str:
         rows.append(f"| {case:<5} | {tokens:>13} | {first:>14.2f} | {whole:>10.2f} |")
     r, t, cache = result["ratios"], result["targets"], result["state_cache"]
     rows.append(
-        f"cold/hit {r['cold_over_hit']:.2f} (target >= {t['cold_over_hit']:g}), hit/alone {r['hit_over_alone']:.2f} "
-        f"(target <= {t['hit_over_alone']:g}); state cache during the run: {cache['hits']} hits "
-        f"(expected {cache['expected_hits']}), {cache['misses']} misses"
+        f"cold/hit {r['cold_over_hit']:.2f}, cold/branch {r['cold_over_branch']:.2f} "
+        f"(target >= {t['cold_over_hit']:g}); "
+        f"hit/alone {r['hit_over_alone']:.2f}, branch/alone {r['branch_over_alone']:.2f} (target <= "
+        f"{t['hit_over_alone']:g}); state cache during the run: {cache['hits']} hits "
+        f"(expected {cache['expected_hits']}), {cache['misses']} misses; branch greedy text equal to no cache: "
+        f"{result.get('greedy_equal_to_no_cache')}"
     )
     return "\n".join(rows)
 
@@ -191,16 +232,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--long-tokens", type=int, default=2000, help="the long prompt, roughly")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     parser.add_argument("--server-threads", type=int, default=None, help="the server's --threads")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="with onnx, --model is an export")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
 
     # twice the prompt lengths asked for: the words per token are an estimate, the server must not refuse the prompt
-    extra = ("--max-prompt-tokens", str(2 * (args.long_tokens + args.short_tokens)))
+    extra = ("--max-prompt-tokens", str(2 * (args.long_tokens + args.short_tokens)), "--backend", args.backend)
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_model(Path(tmp))) if args.tiny else args.model
-        with own_server(model, 1, 1, args.server_threads, extra) as (url, _):
+        with own_server(model, 1, CHECK_TOKENS, args.server_threads, extra) as (url, _):
             result = measure(url, args)
+        with own_server(model, 1, CHECK_TOKENS, args.server_threads, extra + ("--state-cache-bytes", "0")) as (url, _):
+            result["greedy_equal_to_no_cache"] = greedy_texts(url, result["branch_prompts"]) == result["branch_texts"]
+    result["meets_targets"] = result["meets_targets"] and result["greedy_equal_to_no_cache"]
+    result["settings"]["backend"] = args.backend
     print(table(result))
     print(json.dumps(result, indent=2))
     if not (args.tiny or args.no_save):

@@ -46,4 +46,5 @@ def test_load_test_soak_runs():
 def test_ttft_benchmark_runs():
     result = ttft.main(["--tiny", "--repeats", "2", "--no-save", "--server-threads", "1"])
     assert set(result["first_chunk_ms"]) == set(ttft.CASES) and all(v > 0 for v in result["first_chunk_ms"].values())
+    assert result["greedy_equal_to_no_cache"] and len(result["branch_texts"]) == 2 * len(ttft.ASKS)
     assert result["state_cache"]["hits"] > 0
