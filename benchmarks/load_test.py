@@ -142,18 +142,20 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, temp
         "tokens_per_s": round(tokens / wall, 1),
         "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "latency_p95_s": round(statistics.quantiles(latencies, n=20)[-1], 3) if len(latencies) > 1 else None,
+        "latency_p99_s": round(statistics.quantiles(latencies, n=100)[-1], 3) if len(latencies) > 1 else None,
     }
 
 
 def table(levels: list[dict]) -> str:
-    rows = [f"| {'clients':>7} | {'ok/sent':>9} | {'req/s':>7} | {'tokens/s':>9} | {'p50 s':>6} | {'p95 s':>6} |"]
-    rows.append("|" + "|".join("-" * (w + 2) for w in (7, 9, 7, 9, 6, 6)) + "|")
+    head = f"| {'clients':>7} | {'ok/sent':>9} | {'req/s':>7} | {'tokens/s':>9} | {'p50 s':>6} | {'p95 s':>6} |"
+    rows = [head + f" {'p99 s':>6} |", "|" + "|".join("-" * (w + 2) for w in (7, 9, 7, 9, 6, 6, 6)) + "|"]
     for r in levels:
         sent = f"{r['ok']}/{r['requests']}"
-        p50, p95 = (r[k] if r[k] is not None else float("nan") for k in ("latency_p50_s", "latency_p95_s"))
+        keys = ("latency_p50_s", "latency_p95_s", "latency_p99_s")
+        p50, p95, p99 = (r.get(k) if r.get(k) is not None else float("nan") for k in keys)
         rows.append(
             f"| {r['clients']:>7} | {sent:>9} | {r['requests_per_s']:>7.2f} | {r['tokens_per_s']:>9.1f} "
-            f"| {p50:>6.3f} | {p95:>6.3f} |"
+            f"| {p50:>6.3f} | {p95:>6.3f} | {p99:>6.3f} |"
         )
     return "\n".join(rows)
 
@@ -171,6 +173,7 @@ def measure(url: str, args: argparse.Namespace) -> dict:
     settings = {"max_tokens": args.max_tokens, "temperature": args.temperature, "model": health.get("model")}
     settings["server_threads"] = None if args.url else args.server_threads
     settings["server_compiled"] = None if args.url else args.compile
+    settings["server_backend"] = None if args.url else args.backend
     return {"settings": settings, "client_machine": machine(), "levels": levels}
 
 
@@ -348,6 +351,7 @@ def soak(url: str, args: argparse.Namespace, pid: int | None) -> dict:
     settings |= {"prompt_tokens": [token_count(url, p) for p in prompts], "model": health.get("model")}
     settings["server_threads"] = None if args.url else args.server_threads
     settings["server_compiled"] = None if args.url else args.compile
+    settings["server_backend"] = None if args.url else args.backend
     return {
         "settings": settings,
         "client_machine": machine(),
@@ -389,7 +393,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     parser.add_argument("--server-threads", type=int, default=None, help="the server's --threads, if it is ours")
     parser.add_argument("--compile", action="store_true", help="start our server with --compile (compiled decode)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="with onnx, --model is an export")
     args = parser.parse_args(argv)
+    if args.compile and args.backend == "onnx":
+        parser.error("--compile applies to --backend torch only")
     if args.duration is not None and args.duration <= 0:
         parser.error(f"--duration must be > 0, got {args.duration:g}")
 
@@ -403,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             model = str(tiny_model(Path(tmp))) if args.tiny else args.model
-            extra = ("--compile",) if args.compile else ()
+            extra = (("--compile",) if args.compile else ()) + ("--backend", args.backend)
             with own_server(model, max(args.clients), args.max_tokens, args.server_threads, extra) as (url, pid):
                 result = run(url, pid)
     print(soak_table(result) if args.duration else table(result["levels"]))
