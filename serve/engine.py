@@ -246,9 +246,17 @@ class Engine:
         self._shutdown()
 
     def _iteration(self, jobs: list[Job]) -> None:
-        """New jobs join the batch; then one decode step for every active sequence."""
-        for job in jobs:
-            self._prefill(job)
+        """New jobs join the batch, all in one concatenation of the states (each join copies the whole batch's
+        state, so jobs that arrive together join together); then one decode step for every active sequence."""
+        joining = [joined for job in jobs if (joined := self._prefill(job)) is not None]
+        if joining:
+            caches = [cache for cache, _ in joining]
+            self._cache = concat_caches(([self._cache] if self._active else []) + caches)
+            seqs = [seq for _, job_seqs in joining for seq in job_seqs]
+            self._active += [seq for seq, _, _ in seqs]
+            for seq, token, logprob in seqs:
+                self._advance(seq, token, logprob)
+            self.metrics.tokens(len(seqs))
         self._retire()
         if self._active:
             self._decode_step()
@@ -274,8 +282,10 @@ class Engine:
                 jobs.append(self._queue.popleft())
             return jobs
 
-    def _prefill(self, job: Job) -> None:
-        """Runs each prompt alone into its own state, picks every choice's first token, and joins the batch."""
+    def _prefill(self, job: Job) -> tuple[object, list] | None:
+        """Runs each prompt alone into its own state and picks every choice's first token: (the job's states, one
+        row per choice, and its [(sequence, first token, logprob)]) to join the batch, or None (failed, or scoring
+        only)."""
         try:
             seqs, caches = [], []
             for p, ids in enumerate(job.prompts):
@@ -293,14 +303,10 @@ class Engine:
         except Exception:
             logger.exception("prefill failed")
             self._fail(job, 500, "internal error during prefill", "server_error")
-            return
+            return None
         if not caches:
-            return
-        self._cache = concat_caches(([self._cache] if self._active else []) + caches)
-        self._active += [seq for seq, _, _ in seqs]
-        for seq, token, logprob in seqs:
-            self._advance(seq, token, logprob)
-        self.metrics.tokens(len(seqs))
+            return None
+        return (concat_caches(caches) if len(caches) > 1 else caches[0]), seqs
 
     def _prefill_prompt(self, job: Job, p: int, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
         """One prompt's batch-1 state and (v,) last logits: from the state cache where a prefix of it is there
