@@ -1,4 +1,5 @@
-"""Export Itera-Lite to two ONNX graphs with explicit recurrent state, for onnxruntime without PyTorch.
+"""Export Itera-Lite to two ONNX graphs with explicit recurrent state, for onnxruntime without PyTorch, or (`--format`)
+as a transformers GraniteMoeHybrid folder or a llama.cpp GGUF file.
 
 `python -m modeling_itera.export --model FOLDER_OR_HUB_ID --output DIR [--int8]` writes:
 
@@ -17,6 +18,10 @@ The exporter is `torch.onnx.export(..., dynamo=True)` on two small wrapper modul
 tensors. transformers' own `exporters` (`export_for_generation`) capture the cache as a `DynamicCache` pytree from a
 `generate()` call, which gives a prefill without state inputs, a decode graph whose inputs are named after the
 cache's internals, and a prefill whose MoE takes the grouped-matmul form; the wrapper here states the contract.
+
+`--format granite --output DIR` writes the GraniteMoeHybrid folder (`export_granite.py`), `--format gguf --output
+FILE.gguf [--outtype f32|f16|q8_0]` the GGUF file for llama.cpp's granitehybrid (`export_gguf.py`); both are writers
+over the one mapping of our weights in `granite.py`.
 
 Not part of the model's remote code: modeling_itera.py does not import this file.
 """
@@ -41,6 +46,7 @@ IR_VERSION = 10
 FORMAT_VERSION = 1
 METADATA_FILE = "itera_onnx.json"
 GRAPHS = ("prefill", "decode")
+FORMATS = ("onnx", "granite", "gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # The config fields that change the graphs (not, e.g., the training-only loss coefficient).
 HASHED_FIELDS = (
@@ -241,8 +247,8 @@ def quantize_int8(path: Path) -> None:
     tmp.unlink()
 
 
-def export(model_id: str, output: str | Path, int8: bool = False) -> Path:
-    """Export `model_id` (folder or Hub id) into the folder `output`, with its tokenizer; returns the folder."""
+def load_for_export(model_id: str):
+    """The fp32 model, its tokenizer and its generation config (None if it has none) from a folder or Hub id."""
     from transformers import AutoTokenizer, GenerationConfig
 
     model = IteraLiteForCausalLM.from_pretrained(model_id, dtype=torch.float32).eval()
@@ -250,7 +256,12 @@ def export(model_id: str, output: str | Path, int8: bool = False) -> Path:
         generation_config = GenerationConfig.from_pretrained(model_id)
     except OSError:  # a model without generation_config.json: the runtime's defaults (greedy)
         generation_config = None
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    return model, AutoTokenizer.from_pretrained(model_id), generation_config
+
+
+def export(model_id: str, output: str | Path, int8: bool = False) -> Path:
+    """Export `model_id` (folder or Hub id) into the folder `output`, with its tokenizer; returns the folder."""
+    model, tokenizer, generation_config = load_for_export(model_id)
     return export_model(model, output, int8=int8, tokenizer=tokenizer, generation_config=generation_config)
 
 
@@ -308,14 +319,43 @@ def quantize_export(folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .export_gguf import OUTTYPES
+
     parser = argparse.ArgumentParser(prog="python -m modeling_itera.export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model folder or Hub id")
-    parser.add_argument("--output", required=True, help="folder to write the graphs into")
-    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the matmul weights")
+    parser.add_argument("--output", required=True, help="folder to write into (onnx, granite) or the .gguf file")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default), granite or gguf")
+    parser.add_argument("--int8", action="store_true", help="onnx: dynamic int8 quantization of the matmul weights")
+    parser.add_argument("--outtype", choices=OUTTYPES, default="f32", help="gguf: the type of the weight matrices")
     args = parser.parse_args(argv)
+    if args.int8 and args.format != "onnx":
+        parser.error("--int8 is for --format onnx; a quantized GGUF is --format gguf --outtype q8_0")
+    if args.format != "onnx":
+        return export_engine_format(args.model, args.output, args.format, args.outtype)
     out = export(args.model, args.output, int8=args.int8)
     sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.2f} MB" for f in sorted(out.glob("*.onnx")))
     print(f"wrote {out}: {sizes}")
+    return 0
+
+
+def export_engine_format(model_id: str, output: str, fmt: str, outtype: str) -> int:
+    """`--format granite` (a folder) or `--format gguf` (a file) from `model_id`; prints what it wrote."""
+    from .export_gguf import check_expressible, write_gguf
+    from .export_granite import write_granite_folder
+
+    model, tokenizer, generation_config = load_for_export(model_id)
+    if fmt == "granite":
+        out = write_granite_folder(model, output, tokenizer=tokenizer, generation_config=generation_config)
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        print(f"wrote {out}: GraniteMoeHybrid, model.safetensors {size / 1e6:.2f} MB")
+        return 0
+    try:
+        check_expressible(model.config)
+    except ValueError as err:
+        print(f"export: error: {err}", file=sys.stderr)
+        return 2
+    out = write_gguf(model, output, tokenizer, outtype=outtype, name=Path(model_id).name)
+    print(f"wrote {out}: GGUF granitehybrid {outtype}, {out.stat().st_size / 1e6:.2f} MB")
     return 0
 
 
