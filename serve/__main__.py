@@ -91,14 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--state_cache_bytes",
         type=positive(int, allow_zero=True),
         default=defaults.state_cache_bytes,
-        help="byte budget of the prefix cache of prompt-end states (0: off)",
+        help="byte budget of the prefix cache of prompt states and checkpoints (0: off)",
     )
     parser.add_argument(
         "--state-cache-interval",
         "--state_cache_interval",
         type=positive(int, allow_zero=True),
         default=defaults.state_cache_interval,
-        help="also cache the state every this many tokens of a long prompt (0: prompt ends only)",
+        help="also keep a checkpoint every this many tokens of a prompt, rounded up to whole chunks (0: prompt ends "
+        "only); torch takes them from the chunked scan, onnx prefills in pieces",
     )
     parser.add_argument(
         "--threads",

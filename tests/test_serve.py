@@ -28,6 +28,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from modeling_itera import IteraLiteConfig, IteraLiteForCausalLM
 from serve import Limits, create_app
+from serve.__main__ import main, parse_args
 from serve.model import load
 from serve.onnx_model import load_onnx
 from serve.sampling import SamplingParams, filter_probs
@@ -424,3 +425,24 @@ def test_batched_filtering_equals_generates_warpers_row_by_row():
         warped = TopKLogitsWarper(p.top_k)(None, warped) if p.top_k else warped
         warped = TopPLogitsWarper(p.top_p)(None, warped) if p.top_p < 1 else warped
         torch.testing.assert_close(ours[row] / ours[row].sum(), warped.softmax(-1)[0])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--backend", "onnx"],
+        ["--backend", "onnx", "--model", "x", "--compile"],
+        ["--backend", "onnx", "--dtype", "bfloat16"],
+    ],
+    ids=["no export folder", "compile", "dtype"],
+)
+def test_the_onnx_backend_refuses_what_it_cannot_honour(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert "--backend onnx" in err or "apply to --backend torch only" in err
+
+
+def test_a_folder_that_is_not_an_export_is_a_clear_error(model_dir, capsys):
+    assert main(["--backend", "onnx", "--model", str(model_dir)]) == 2
+    assert "not an Itera-Lite ONNX export" in capsys.readouterr().err
