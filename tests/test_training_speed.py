@@ -171,3 +171,27 @@ def test_compiled_training_gives_the_losses_of_eager_training(story_files, tmp_p
     assert (
         isinstance(reloaded, IteraLiteForCausalLM) and torch.isfinite(reloaded(torch.tensor([[1, 5, 9]])).logits).all()
     )
+
+
+@pytest.mark.skipif(not have_cpp_compiler(), reason="Inductor needs a C++ compiler on CPU")
+def test_torch_compile_of_the_whole_model_has_no_graph_break_nor_recompile(tiny_config):
+    """`torch.compile(model)` with default options, as users and `Trainer(torch_compile=True)` call it: two training
+    batches under bf16 autocast (the MoE's grouped path: more than 32 tokens) and a prefill, each one graph."""
+    from torch._dynamo.utils import counters
+
+    model = IteraLiteForCausalLM(tiny_config).train()  # the default: logits returned while training
+    compiled = torch.compile(model)
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        ids = torch.randint(3, tiny_config.vocab_size, (2, 48))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is not None
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    with torch.no_grad():
+        compiled.eval()(torch.randint(3, tiny_config.vocab_size, (1, 48)), use_cache=False)
+    assert not counters["graph_break"], dict(counters["graph_break"])
