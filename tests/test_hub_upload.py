@@ -292,3 +292,66 @@ def test_pretraining_pushes_the_final_model_with_its_card(hub, tmp_path):
     perplexity = json.loads((tmp_path / "run" / "metrics.json").read_text())["perplexity"]
     metric = front_matter(files["README.md"].decode())["model-index"][0]["results"][0]["metrics"][0]
     assert metric["value"] == pytest.approx(perplexity, rel=1e-3)
+
+
+def test_gguf_and_granite_exports_push_as_their_own_repositories(model_folder, hub, tmp_path):
+    """`--format gguf` / `--format granite`: each export is its own repository with a card saying how to run it;
+    the Granite folder then loads from the Hub in stock transformers, without modeling_itera."""
+    gguf = pytest.importorskip("gguf")
+    from modeling_itera.export_gguf import write_gguf
+    from modeling_itera.export_granite import write_granite_folder
+
+    model = IteraLiteForCausalLM.from_pretrained(model_folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    gguf_path = write_gguf(model, tmp_path / "itera-tiny-q8_0.gguf", tokenizer, outtype="q8_0")
+    granite = write_granite_folder(model, tmp_path / "granite", tokenizer=tokenizer)
+
+    from hub_upload.engines import push_engine_format
+
+    assert main([str(tmp_path / "missing.gguf"), "local/itera-gguf", "--format", "gguf"]) == 1  # before any request
+    assert main([str(model_folder), "local/itera-granite", "--format", "granite"]) == 1  # not a Granite folder
+    assert hub.requests == []
+    first = push_engine_format(gguf_path, "local/itera-gguf", "gguf", endpoint=hub.url)
+    again = push_engine_format(gguf_path, "local/itera-gguf", "gguf", endpoint=hub.url)
+    pushed = push_engine_format(granite, "local/itera-granite", "granite", endpoint=hub.url)
+    assert first.changed and not again.changed
+    files = hub.files("local/itera-gguf")
+    assert set(files) == {"itera-tiny-q8_0.gguf", "README.md", ".gitattributes"}
+    assert files["itera-tiny-q8_0.gguf"] == gguf_path.read_bytes()
+    reader = gguf.GGUFReader(gguf_path)
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "granitehybrid"
+    card = files["README.md"].decode()
+    assert front_matter(card)["library_name"] == "gguf"
+    for snippet in ("llama-cli -m itera-tiny-q8_0.gguf", "FROM ./itera-tiny-q8_0.gguf", "ollama run", "--no-repack"):
+        assert snippet in card, snippet
+
+    assert pushed.changed
+    files = hub.files("local/itera-granite")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert not any(name.endswith(".py") for name in files)  # no remote code: stock transformers
+    card = files["README.md"].decode()
+    assert "vllm serve local/itera-granite" in card and "trust_remote_code" not in card
+
+    load = textwrap.dedent("""
+        import sys; sys.modules["modeling_itera"] = None
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 5, 9, 12, 7]])).logits
+        print(json.dumps({"module": type(model).__module__, "logits": logits[0, -1].tolist()}))
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", load, "local/itera-granite"],
+        env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "fresh_home")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers.models.granitemoehybrid")
+    with torch.no_grad():
+        ours = model(torch.tensor([[1, 5, 9, 12, 7]])).logits[0, -1]
+    assert (torch.tensor(remote["logits"]) - ours).abs().max() < 2e-5
