@@ -45,6 +45,8 @@ def test_packed_loss_and_gradients_equal_the_documents_alone():
     token-weighted mean of the documents' own losses; its gradients of the embeddings and of every parameter equal
     those of the sum of the documents' losses. No aux loss here: the load-balancing loss is not a per-document sum."""
     model = packed_model(router_aux_loss_coef=0.0).train()
+    # The fused loss keeps float64 (transformers' loss of the logits upcasts to fp32 at most), as the recipes train.
+    model.fused_training_loss = True
     docs, batch = packed_documents()
     embeds = model.model.embed_tokens(batch["input_ids"]).detach().requires_grad_()
     out = model(inputs_embeds=embeds, labels=batch["labels"], seq_idx=batch["seq_idx"])
