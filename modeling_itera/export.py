@@ -1,6 +1,6 @@
-"""Export Itera-Lite to two ONNX graphs with explicit recurrent state, for onnxruntime without PyTorch, or (`--format`)
-as a transformers GraniteMoeHybrid folder or a llama.cpp GGUF file.
+"""Export Itera-Lite: ONNX graphs with explicit state (default), a GraniteMoeHybrid folder or a llama.cpp GGUF file.
 
+The ONNX export is two graphs with explicit recurrent state, for onnxruntime without PyTorch.
 `python -m modeling_itera.export --model FOLDER_OR_HUB_ID --output DIR [--int8]` writes:
 
 - `decode.onnx`: `input_ids` (b, 1) and, per layer i, `conv_state_i` (b, conv_dim, K) and `ssm_state_i` (b, h, p, n)

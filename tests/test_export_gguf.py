@@ -159,3 +159,15 @@ def test_expand_other_than_two_is_refused_clearly(bundled, tmp_path, capsys):
     tokenizer.save_pretrained(folder)
     assert export_main(["--format", "gguf", "--model", str(folder), "--output", str(tmp_path / "y.gguf")]) == 2
     assert "expand = 2 only" in capsys.readouterr().err and not (tmp_path / "y.gguf").exists()
+
+
+def test_repacking_off_runs_the_quantized_file_the_same(bundled, files, f32_run):
+    """The fallback for AMX CPUs (use_extra_bufts=False, llama.cpp's --no-repack) loads and decodes the q8_0 file;
+    on a CPU without repacked types for Q8_0 both paths give the same logits."""
+    ids, _, tokens = f32_run
+    with worker(files["q8_0"], repack=False) as plain:
+        assert plain.repack is False and plain.retried is None
+        off, _ = plain.decode(ids, 8, feed=tokens[:8])
+    with worker(files["q8_0"]) as default:
+        on, _ = default.decode(ids, 8, feed=tokens[:8])
+    assert (off.argmax(-1) == on.argmax(-1)).all() and np.abs(off - on).max() < 0.1
