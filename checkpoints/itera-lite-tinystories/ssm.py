@@ -132,12 +132,15 @@ def ssd_chunked(
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_chunk_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence evaluated chunk by chunk with batched matmuls (Mamba-2 paper, listing 1). No loop over time.
 
     Same arguments and results as `ssd_sequential`, plus `chunk_size`; any length works (the tail is padded with
     Δ = 0, which neither decays nor feeds the state). With `seq_idx`, each of the four steps below masks the decays
     that cross a document start, inside a chunk or between chunks (`segment_sum` with the document index).
+    `return_chunk_states` also returns the state entering each chunk (b, c, h, p, n), i.e. after 0, q, 2q, ...
+    positions, which step 3 computes anyway (a server keeps them as prefix-cache checkpoints).
     """
     b, l, h, p = x.shape
     pad = (-l) % chunk_size
@@ -182,7 +185,8 @@ def ssd_chunked(
     if seg is not None:
         log_decay_in = a_cumsum.masked_fill(seg_q != seg_ends[:, 0, :-1, None, None], -math.inf)
     y = y + (C @ states.transpose(-1, -2)) * torch.exp(log_decay_in)[..., None]  # (b, c, h, q, p)
-    return y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l], final_state
+    y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]
+    return (y, final_state, states) if return_chunk_states else (y, final_state)
 
 
 def contiguous_buffer(t: torch.Tensor) -> torch.Tensor:
@@ -259,6 +263,12 @@ class IteraLiteMixer(nn.Module):
             # 2048-token prefill took 5.2 ms instead of the 0.7 of copying the window once (prefill 1.3x, training
             # 1.03x in interleaved A/B runs)
             xBC = torch.cat([xBC.new_zeros(xBC.shape[0], missing, xBC.shape[2]), xBC], dim=1)
+        if (checkpoints := getattr(cache, "chunk_checkpoints", None)) is not None:
+            # Opt-in (a server's prefix cache sets the dict): the conv window, the last K inputs, at each chunk
+            # boundary inside this call, in the cache's layout (b, m, conv_dim, K) for m boundaries.
+            ends = torch.arange(self.chunk_size, max(l, self.chunk_size), self.chunk_size, device=xBC.device)
+            rows = xBC.shape[1] - l + ends[:, None] - K + torch.arange(K, device=xBC.device)  # (m, K)
+            checkpoints.setdefault(self.layer_idx, {})["conv"] = xBC[:, rows].permute(0, 1, 3, 2)
         window = xBC[:, -(l + K - 1) :]  # (b, l+K-1, conv_dim)
         weight = self.conv1d.weight[:, 0].t()  # (K, conv_dim): weight[k] is tap k of every channel
         if torch.compiler.is_compiling() and l > 1:
@@ -330,7 +340,12 @@ class IteraLiteMixer(nn.Module):
             if inplace:
                 return y
         else:
-            y, state_after = ssd_chunked(x, dt, A, B, C, self.chunk_size, initial_state=state, seq_idx=seq_idx)
+            checkpoints = getattr(cache, "chunk_checkpoints", None)  # see `causal_conv`
+            y, state_after, *entering = ssd_chunked(
+                x, dt, A, B, C, self.chunk_size, state, seq_idx, return_chunk_states=checkpoints is not None
+            )
+            if checkpoints is not None:  # the states at the chunk boundaries inside the call: (b, m, h, p, n)
+                checkpoints.setdefault(self.layer_idx, {})["ssm"] = entering[0][:, 1:]
         if cache is not None:
             cache.update_recurrent_state(state_after, self.layer_idx)
         return y
