@@ -32,6 +32,11 @@ from torch import nn
 from .configuration_itera import IteraLiteConfig
 
 
+# Under autocast, the chunk products of the scan take the autocast dtype (`ssd_chunked`'s `product_dtype`). False:
+# fp32 products under autocast too, the scan of before; kept for the same-budget comparison of docs/training.md.
+SCAN_PRODUCTS_IN_AUTOCAST_DTYPE = True
+
+
 def log_decay(dt: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """The discretisation, written once: the log of the per-step decay, `Δ · A`. (..., h) * (h,) -> (..., h)."""
     return dt * A
@@ -133,6 +138,7 @@ def ssd_chunked(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
     return_chunk_states: bool = False,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence evaluated chunk by chunk with batched matmuls (Mamba-2 paper, listing 1). No loop over time.
 
@@ -141,6 +147,12 @@ def ssd_chunked(
     that cross a document start, inside a chunk or between chunks (`segment_sum` with the document index).
     `return_chunk_states` also returns the state entering each chunk (b, c, h, p, n), i.e. after 0, q, 2q, ...
     positions, which step 3 computes anyway (a server keeps them as prefix-cache checkpoints).
+
+    `product_dtype` (bf16 under autocast): the dtype of the inputs of the three chunk products that carry the
+    compute, `C Bᵀ`, `(C Bᵀ ∘ L)(Δx)` and the state products, as in Mamba-2's own kernels; each matmul accumulates
+    in fp32 inside (oneDNN on CPU, tensor cores on GPU) and rounds its result once. The decays (cumulative sums,
+    segment sums, `exp`), the carry across chunks and the states returned stay fp32: a state integrates thousands
+    of steps, and an 8-bit mantissa in `exp(a_cumsum)` would shift every decay. None: the dtype of `x` (exact).
     """
     b, l, h, p = x.shape
     pad = (-l) % chunk_size
@@ -151,9 +163,12 @@ def ssd_chunked(
         if seg is not None:  # the tail joins the last document, which the final state then still carries
             seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
     c, q = (l + pad) // chunk_size, chunk_size
+    low = product_dtype or x.dtype  # the inputs of the chunk products (`.to` returns the tensor itself if equal)
     # Layout (b, c, h, q, .): heads before positions, so every product below is a plain batched matmul.
     x_dt = (x * dt[..., None]).view(b, c, q, h, p).transpose(2, 3)  # (b, c, h, q, p), the input Δ·x of each step
+    x_dt_low = x_dt.to(low)
     B, C = B.view(b, c, 1, q, -1), C.view(b, c, 1, q, -1)  # shared by the heads
+    B_low, C_low = B.to(low), C.to(low)
     a_cumsum = log_decay(dt, A).view(b, c, q, h).transpose(2, 3).cumsum(dim=-1)  # (b, c, h, q)
 
     # The document index per position (b, c, 1, q) and at the end of each chunk (b, 1, c+1), 0 before the first
@@ -162,14 +177,15 @@ def ssd_chunked(
     seg_ends = F.pad(seg_q[..., -1].transpose(1, 2), (1, 0)) if seg is not None else None
 
     # 1. Within each chunk: a causal, decay-weighted "attention" C_i·B_j · exp(a_{j+1} + ... + a_i).
-    scores = (C @ B.transpose(-1, -2)) * torch.exp(segment_sum(a_cumsum, seg_q))  # (b, c, h, q, q)
-    y = scores @ x_dt  # (b, c, h, q, p)
+    scores = (C_low @ B_low.transpose(-1, -2)) * torch.exp(segment_sum(a_cumsum, seg_q))  # (b, c, h, q, q), fp32
+    y = scores.to(low) @ x_dt_low  # (b, c, h, q, p)
 
     # 2. The state each chunk leaves at its end, on its own input (of its last document only).
     log_decay_to_end = a_cumsum[..., -1:] - a_cumsum  # (b, c, h, q)
     if seg is not None:
         log_decay_to_end = log_decay_to_end.masked_fill(seg_q != seg_q[..., -1:], -math.inf)
-    chunk_states = x_dt.transpose(-1, -2) @ (B * torch.exp(log_decay_to_end)[..., None])  # (b, c, h, p, n)
+    decayed_B = (B * torch.exp(log_decay_to_end)[..., None]).to(low)
+    chunk_states = (x_dt_low.transpose(-1, -2) @ decayed_B).to(x.dtype)  # (b, c, h, p, n), carried in fp32
 
     # 3. Carry the states across chunks: a recurrence over the c chunks, written as one matmul.
     if initial_state is None:
@@ -184,7 +200,7 @@ def ssd_chunked(
     log_decay_in = a_cumsum
     if seg is not None:
         log_decay_in = a_cumsum.masked_fill(seg_q != seg_ends[:, 0, :-1, None, None], -math.inf)
-    y = y + (C @ states.transpose(-1, -2)) * torch.exp(log_decay_in)[..., None]  # (b, c, h, q, p)
+    y = y + (C_low @ states.to(low).transpose(-1, -2)) * torch.exp(log_decay_in)[..., None]  # (b, c, h, q, p)
     y = y.transpose(2, 3).reshape(b, c * q, h, p)[:, :l]
     return (y, final_state, states) if return_chunk_states else (y, final_state)
 
@@ -311,19 +327,24 @@ class IteraLiteMixer(nn.Module):
             xBC = xBC * mask  # and must not feed the state: x = B = 0 there
         x, B, C = xBC.split([self.d_inner, self.state_size, self.state_size], dim=-1)
 
-        # The scan runs in fp32 whatever the weights' dtype: the state integrates thousands of steps.
+        # The scan runs in fp32 whatever the weights' dtype: the state integrates thousands of steps. Under autocast
+        # only the inputs of its chunk products take the autocast dtype (`ssd_chunked`); autocast itself is off
+        # inside, where it would also cast the fp32 carry of the states.
+        device = x.device.type
+        autocast_products = SCAN_PRODUCTS_IN_AUTOCAST_DTYPE and torch.is_autocast_enabled(device)
+        product_dtype = torch.get_autocast_dtype(device) if autocast_products else None
         x = x.float().view(b, l, self.num_heads, self.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         A = -torch.exp(self.A_log.float())  # (h,)
-        with torch.autocast(x.device.type, enabled=False):  # autocast would run the scan's matmuls in bf16
-            y = self.scan(x, dt, A, B.float(), C.float(), cache, seq_idx)
+        with torch.autocast(device, enabled=False):
+            y = self.scan(x, dt, A, B.float(), C.float(), cache, seq_idx, product_dtype)
         y = y + x * self.D.float()[:, None]  # skip connection, per head
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
         return self.out_proj(y)
 
-    def scan(self, x, dt, A, B, C, cache=None, seq_idx=None) -> torch.Tensor:
-        """The SSD scan from this layer's cached state (zeros without one), updating the cache. Shapes as in
-        `ssd_chunked`; returns y (b, l, h, p).
+    def scan(self, x, dt, A, B, C, cache=None, seq_idx=None, product_dtype=None) -> torch.Tensor:
+        """The SSD scan from this layer's cached state (zeros without one), updating the cache. Shapes and
+        `product_dtype` as in `ssd_chunked`; returns y (b, l, h, p) in fp32.
 
         One new token after a cached state is one `ssd_step` (the decode step), any other length the chunked form (one
         position has no document boundary, so the decode step ignores `seq_idx`).
@@ -342,7 +363,7 @@ class IteraLiteMixer(nn.Module):
         else:
             checkpoints = getattr(cache, "chunk_checkpoints", None)  # see `causal_conv`
             y, state_after, *entering = ssd_chunked(
-                x, dt, A, B, C, self.chunk_size, state, seq_idx, return_chunk_states=checkpoints is not None
+                x, dt, A, B, C, self.chunk_size, state, seq_idx, checkpoints is not None, product_dtype
             )
             if checkpoints is not None:  # the states at the chunk boundaries inside the call: (b, m, h, p, n)
                 checkpoints.setdefault(self.layer_idx, {})["ssm"] = entering[0][:, 1:]
