@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_train                     # compiled + bf16, 8 x 512; writes results/train_profile.txt
     python -m benchmarks.profile_train --setting bf16      # any setting of benchmarks.train
+    python -m benchmarks.profile_train --setting eager --prefill 2048  # a 2048-token prefill instead of a step
 
 Each model's step is built as `benchmarks.train` builds it, warmed up (compiled), then profiled once with Inductor's
 kernels named in the trace (`cpp.enable_kernel_profile`), so that a compiled graph's time is split by kernel. The
@@ -36,11 +37,12 @@ def group_of(key: str) -> str:
     return next((name for name, test in GROUPS if test(key)), "other (eager ops, dispatch, autograd)")
 
 
-def profile_step(runner: Runner) -> list:
+def profile_step(runner: Runner, prefill: bool = False) -> list:
+    step = runner.prefill if prefill else runner.train_step
     for _ in range(3):  # compile, settle the allocator
-        runner.train_step()
+        step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.train_step()
+        step()
     return list(prof.key_averages())
 
 
@@ -70,21 +72,29 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
     parser.add_argument("--no-save", action="store_true", help="print only (tests)")
     args = parser.parse_args(argv)
     torch._inductor.config.cpp.enable_kernel_profile = True
     torch._dynamo.config.automatic_dynamic_shapes = False  # static graphs, as benchmarks.train and training.pretrain
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     events = {
-        name: profile_step(Runner(name, args.setting, args.preset, args.batch, args.length, prefill=16))
+        name: profile_step(
+            Runner(name, args.setting, args.preset, args.batch, args.length, prefill=args.prefill or 16),
+            prefill=bool(args.prefill),
+        )
         for name in ("itera-lite", "llama")
     }
-    title = f"## Training step, {args.setting}, {args.batch} x {args.length} tokens, {args.preset} preset\n\n"
+    if args.prefill:
+        title = f"## Prefill of {args.prefill} tokens, {args.setting}, {args.preset} preset\n\n"
+    else:
+        title = f"## Training step, {args.setting}, {args.batch} x {args.length} tokens, {args.preset} preset\n\n"
     text = title + report(events, args.top) + "\n"
     print(text)
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "train_profile.txt").write_text(text)
+        name = f"prefill_profile_{args.setting}.txt" if args.prefill else "train_profile.txt"
+        (RESULTS / name).write_text(text)
     return text
 
 

@@ -10,9 +10,11 @@ Training is forward + backward + AdamW at 8 x 512 tokens; prefill is one 2048-to
 LM head on the last position only). Settings: `eager` fp32; `bf16`, fp32 weights under
 `torch.autocast("cpu", bfloat16)` (what `--bf16 true` gives on a CPU); `compiled`, each repeated block compiled with
 `torch.compile` (regional compilation, what `--torch_compile true` gives in `training.pretrain`); `compiled_bf16`,
-both. Peak memory is the most bytes that torch's CPU allocator held at once during a step beyond what was held
-before it (activations, gradients, temporaries: the weights and the optimizer state are extra and the same for every
-setting), from the profiler's memory events.
+both; `model_compiled` and `model_compiled_bf16`, `torch.compile(model)` on the whole model with default options, as
+a user or `Trainer(torch_compile=True)` calls it, without and with autocast. Peak memory is the most bytes that
+torch's CPU allocator held at once during a step beyond what was held before it (activations, gradients,
+temporaries: the weights and the optimizer state are extra and the same for every setting), from the profiler's
+memory events.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from modeling_itera import IteraLiteForCausalLM
 from modeling_itera.loss import use_compiled_loss
 
 MODELS = ["itera-lite", "llama", "mamba2"]
-SETTINGS = ["eager", "bf16", "compiled", "compiled_bf16"]
+SETTINGS = ["eager", "bf16", "compiled", "compiled_bf16", "model_compiled", "model_compiled_bf16"]
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
@@ -72,6 +74,8 @@ class Runner:
         self.parameters = parameters(self.model)
         if setting.startswith("compiled"):
             compile_blocks(self.model)
+        elif setting.startswith("model_compiled"):
+            self.model = torch.compile(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.ids = torch.randint(3, self.model.config.vocab_size, (batch, length))
         self.prompt = torch.randint(3, self.model.config.vocab_size, (1, prefill))
@@ -203,6 +207,10 @@ def ratios(rows: dict) -> dict:
             (ours, mine), (theirs, their) = best(rows["itera-lite"], key, run), best(rows[peer], key, run)
             out[f"{key}_vs_{peer}"] = {"ratio": mine / their, "itera-lite": ours, peer: theirs, "run": run}
         ours, theirs = out[f"train_tokens_per_s_vs_{peer}"]["itera-lite"], out[f"train_tokens_per_s_vs_{peer}"][peer]
+        ours_eager, theirs_eager = rows["itera-lite"]["settings"].get("eager"), rows[peer]["settings"].get("eager")
+        if ours_eager and theirs_eager and ours_eager.get("run") == theirs_eager.get("run") == run:
+            ratio = ours_eager["prefill_tokens_per_s"] / theirs_eager["prefill_tokens_per_s"]
+            out[f"eager_prefill_tokens_per_s_vs_{peer}"] = {"ratio": ratio, "run": run}
         out[f"peak_step_mb_vs_{peer}"] = {
             "ratio": rows["itera-lite"]["settings"][ours]["peak_step_mb"]
             / rows[peer]["settings"][theirs]["peak_step_mb"]
@@ -248,7 +256,10 @@ def plot(result: dict) -> None:
         ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(names))], names)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle("CPU, fp32 weights; bf16 = autocast, compiled = regional torch.compile", fontsize=9)
+    fig.suptitle(
+        "CPU, fp32 weights; bf16 = autocast, compiled = regional torch.compile, model_compiled = torch.compile(model)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "train.png", dpi=110)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """The fast training paths give the same training: the fused LM head + cross-entropy (same loss and gradients as
-the logits path), bf16 autocast on CPU (a loss curve close to fp32's; the scan's products in bf16, its states in fp32), and compiled blocks
-(the same losses as eager)."""
+the logits path), bf16 autocast on CPU (a loss curve close to fp32's; the scan's products in bf16, its states in
+fp32), and compiled blocks (the same losses as eager)."""
 
 from __future__ import annotations
 

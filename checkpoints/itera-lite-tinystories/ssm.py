@@ -31,7 +31,6 @@ from torch import nn
 
 from .configuration_itera import IteraLiteConfig
 
-
 # Under autocast, the chunk products of the scan take the autocast dtype (`ssd_chunked`'s `product_dtype`). False:
 # fp32 products under autocast too, the scan of before; kept for the same-budget comparison of docs/training.md.
 SCAN_PRODUCTS_IN_AUTOCAST_DTYPE = True
@@ -296,7 +295,7 @@ class IteraLiteMixer(nn.Module):
             tap = window[:, k : k + l]  # (b, l, conv_dim), the input k-K+1 steps back
             if seg is not None:
                 tap = tap * (seg_window[:, k : k + l] == seg)[..., None].to(tap.dtype)
-            out = out + tap * weight[k]
+            out = torch.addcmul(out, tap, weight[k])  # one pass per tap, not a multiply and then an add
         return F.silu(out)
 
     def forward(
@@ -338,7 +337,7 @@ class IteraLiteMixer(nn.Module):
         A = -torch.exp(self.A_log.float())  # (h,)
         with torch.autocast(device, enabled=False):
             y = self.scan(x, dt, A, B.float(), C.float(), cache, seq_idx, product_dtype)
-        y = y + x * self.D.float()[:, None]  # skip connection, per head
+        y = torch.addcmul(y, x, self.D.float()[:, None])  # skip connection D·x, per head, in one pass
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
         return self.out_proj(y)
 
