@@ -5,11 +5,17 @@
     python -m benchmarks.load_test --url http://127.0.0.1:8000      # a server that is already running
     python -m benchmarks.load_test --tiny                           # a tiny random model: checks that it runs
     python -m benchmarks.load_test --duration 60                    # soak: each level runs 60 s of mixed traffic
+    python -m benchmarks.load_test --distinct-prompts               # a cold ~100-300-token prompt per request
 
 Each level sends a bounded number of requests (`--requests`, at least one per client) from that many concurrent
 clients, each sending its next request as soon as the previous one is answered. Requests ask for exactly
 `--max-tokens` tokens (`ignore_eos`), so tokens/s does not depend on where the model happens to stop. Prints a
 table and the JSON; a run on a real model also writes benchmarks/results/load_test.json (unless `--no-save`).
+
+With `--distinct-prompts`, every request has a prompt of its own (80-240 words drawn at random, seeded by
+`--prompt-seed` and the request's index, so no two share more than a word or so of prefix): each one is a cold
+prefill, which the four short prompts above (cached after their first request) never are. Those requests stream,
+and the level also reports the time to the first byte of the stream (the prefill as the client sees it).
 
 With `--duration`, each level is a bounded soak instead: its clients keep sending for that many seconds a mix that
 looks like real traffic (prompts of ~4, 64 and 512 tokens; half of them streamed; every 8th stream hung up after its
@@ -24,6 +30,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import random
 import socket
 import statistics
 import subprocess
@@ -48,6 +55,14 @@ SOAK_LENGTHS = (4, 64, 512)  # prompt tokens, roughly: a chat turn, a paragraph,
 SOAK_VARIANTS = 4  # prompts per length, each starting at another story word: several distinct prefixes
 DISCONNECT_EVERY = 8  # every 8th streamed request of a soak hangs up ...
 DISCONNECT_AFTER = 2  # ... after this many chunks, as a client that closes its tab
+# Words of --distinct-prompts: common TinyStories words, ~1.25 tokens each with the bundled tokenizer, so that a
+# prompt of 80-240 of them is ~100-300 tokens.
+DISTINCT_WORDS = (
+    "once upon a time there was little girl boy named lily tom ben sue who liked to play with her his big red blue "
+    "ball cat dog bird fish tree park sun sky house mom dad friend happy sad went saw found said wanted run jump "
+    "under over in on and but then one day very good toy box car garden flower water rain cake smile help share"
+).split()
+DISTINCT_WORDS_PER_PROMPT = (80, 240)
 
 
 def tiny_model(folder: Path) -> Path:
@@ -109,22 +124,37 @@ def own_server(model: str, max_batch: int, max_tokens: int, threads: int | None,
         process.wait(30)
 
 
-async def run_level(url: str, clients: int, requests: int, max_tokens: int, temperature: float) -> dict:
-    """`requests` completions from `clients` concurrent clients; their rates, latencies and failures."""
-    latencies, tokens, failures = [], 0, {}
+def distinct_prompt(seed: int, i: int) -> str:
+    """Request i's own prompt under `seed`: DISTINCT_WORDS_PER_PROMPT words drawn at random."""
+    rng = random.Random(f"{seed}/{i}")
+    return " ".join(rng.choice(DISTINCT_WORDS) for _ in range(rng.randint(*DISTINCT_WORDS_PER_PROMPT)))
+
+
+def quantile(values: list[float], q: int) -> float | None:
+    """The q-th percentile, rounded to ms (None for fewer than two values)."""
+    return round(statistics.quantiles(values, n=100)[q - 1], 3) if len(values) > 1 else None
+
+
+async def run_level(url: str, clients: int, requests: int, max_tokens: int, temperature: float, prompt_of=None) -> dict:
+    """`requests` completions from `clients` concurrent clients; their rates, latencies and failures. With
+    `prompt_of` (request index -> prompt), each request sends its own prompt and streams it (for the first byte);
+    else the requests go round PROMPTS, unstreamed."""
+    latencies, first_bytes, tokens, failures = [], [], 0, {}
     todo = iter(range(requests))
 
     async def client(http: httpx.AsyncClient):
         nonlocal tokens
         for i in todo:
-            body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": temperature}
-            started = time.perf_counter()
-            response = await http.post(f"{url}/v1/completions", json=body | {"ignore_eos": True})
-            if response.status_code != 200:
-                failures[response.status_code] = failures.get(response.status_code, 0) + 1
+            prompt = PROMPTS[i % len(PROMPTS)] if prompt_of is None else prompt_of(i)
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True}
+            result = await (plain(http, url, body) if prompt_of is None else streamed(http, url, body, False))
+            if result.kind != "ok":
+                failures[result.code] = failures.get(result.code, 0) + 1
                 continue
-            latencies.append(time.perf_counter() - started)
-            tokens += response.json()["usage"]["completion_tokens"]
+            latencies.append(result.seconds)
+            tokens += result.tokens
+            if result.first_byte_s is not None:
+                first_bytes.append(result.first_byte_s)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -141,22 +171,23 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, temp
         "requests_per_s": round(ok / wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
         "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
-        "latency_p95_s": round(statistics.quantiles(latencies, n=20)[-1], 3) if len(latencies) > 1 else None,
-        "latency_p99_s": round(statistics.quantiles(latencies, n=100)[-1], 3) if len(latencies) > 1 else None,
+        "latency_p95_s": quantile(latencies, 95),
+        "latency_p99_s": quantile(latencies, 99),
+        "first_byte_p50_s": round(statistics.median(first_bytes), 3) if first_bytes else None,
+        "first_byte_p99_s": quantile(first_bytes, 99),
     }
 
 
 def table(levels: list[dict]) -> str:
-    head = f"| {'clients':>7} | {'ok/sent':>9} | {'req/s':>7} | {'tokens/s':>9} | {'p50 s':>6} | {'p95 s':>6} |"
-    rows = [head + f" {'p99 s':>6} |", "|" + "|".join("-" * (w + 2) for w in (7, 9, 7, 9, 6, 6, 6)) + "|"]
+    names = ("clients", "ok/sent", "req/s", "tokens/s", "p50 s", "p95 s", "p99 s", "TTFB p50", "TTFB p99")
+    widths = (7, 9, 7, 9, 6, 6, 6, 8, 8)
+    rows = ["| " + " | ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + " |"]
+    rows.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in levels:
-        sent = f"{r['ok']}/{r['requests']}"
-        keys = ("latency_p50_s", "latency_p95_s", "latency_p99_s")
-        p50, p95, p99 = (r.get(k) if r.get(k) is not None else float("nan") for k in keys)
-        rows.append(
-            f"| {r['clients']:>7} | {sent:>9} | {r['requests_per_s']:>7.2f} | {r['tokens_per_s']:>9.1f} "
-            f"| {p50:>6.3f} | {p95:>6.3f} | {p99:>6.3f} |"
-        )
+        cells = [r["clients"], f"{r['ok']}/{r['requests']}", f"{r['requests_per_s']:.2f}", f"{r['tokens_per_s']:.1f}"]
+        keys = ("latency_p50_s", "latency_p95_s", "latency_p99_s", "first_byte_p50_s", "first_byte_p99_s")
+        cells += ["-" if r.get(k) is None else f"{r[k]:.3f}" for k in keys]
+        rows.append("| " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)) + " |")
     return "\n".join(rows)
 
 
@@ -164,13 +195,24 @@ def measure(url: str, args: argparse.Namespace) -> dict:
     httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}, timeout=120)  # warm-up
     if getattr(args, "compile", False):  # a second batch size compiles the step once more, for any batch size
         asyncio.run(run_level(url, 4, 4, 8, args.temperature))
-    levels = []
+    levels, sent = [], 0
     for clients in args.clients:
         requests = max(args.requests, clients)
-        levels.append(asyncio.run(run_level(url, clients, requests, args.max_tokens, args.temperature)))
+        # numbered on from the previous levels' requests: no level finds another's prompts in the prefix cache
+        prompt_of = (
+            (lambda i, first=sent: distinct_prompt(args.prompt_seed, first + i)) if args.distinct_prompts else None
+        )
+        level = asyncio.run(run_level(url, clients, requests, args.max_tokens, args.temperature, prompt_of))
+        if prompt_of is not None:
+            level["prompt_tokens_mean"] = round(
+                statistics.mean(token_count(url, prompt_of(i)) for i in range(requests))
+            )
+        levels.append(level)
+        sent += requests
         print(f"{clients} clients: {levels[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
     health = httpx.get(f"{url}/health", timeout=10).json()
     settings = {"max_tokens": args.max_tokens, "temperature": args.temperature, "model": health.get("model")}
+    settings |= {"distinct_prompts": args.distinct_prompts, "prompt_seed": args.prompt_seed}
     settings["server_threads"] = None if args.url else args.server_threads
     settings["server_compiled"] = None if args.url else args.compile
     settings["server_backend"] = None if args.url else args.backend
@@ -390,6 +432,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--duration", type=float, default=None, help="soak: seconds per level instead of --requests")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="(a soak is greedy: temperature 0)")
+    parser.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="every request its own ~100-300-token prompt (a cold prefill each), streamed for the time to first byte",
+    )
+    parser.add_argument(
+        "--prompt-seed", type=int, default=0, help="draws other --distinct-prompts (repeated runs against one server)"
+    )
     parser.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     parser.add_argument("--server-threads", type=int, default=None, help="the server's --threads, if it is ours")
     parser.add_argument("--compile", action="store_true", help="start our server with --compile (compiled decode)")
@@ -399,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--compile applies to --backend torch only")
     if args.duration is not None and args.duration <= 0:
         parser.error(f"--duration must be > 0, got {args.duration:g}")
+    if args.distinct_prompts and args.duration is not None:
+        parser.error("--distinct-prompts applies to the request levels, not to a soak (--duration)")
 
     def run(url: str, pid: int | None) -> dict:
         return soak(url, args, pid) if args.duration else measure(url, args)

@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "only); torch takes them from the chunked scan, onnx prefills in pieces",
     )
     parser.add_argument(
+        "--max-prefill-tokens",
+        type=positive(int),
+        default=defaults.max_prefill_tokens,
+        help="prompt tokens prefilled per engine iteration before the next decode step (at least one request): fresh "
+        "prompts are prefilled together, and running streams wait for at most this much prefill per token",
+    )
+    parser.add_argument(
         "--threads",
         type=positive(int),
         default=None,
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout=args.request_timeout,
         state_cache_bytes=args.state_cache_bytes,
         state_cache_interval=args.state_cache_interval,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     name = args.model_name or args.model.rstrip("/").split("/")[-1]
     app = create_app(

@@ -6,9 +6,12 @@ stacked along dim 0 of each cache tensor. Between two decode steps, sequences jo
 concatenated) and leave (the remaining rows are `index_select`ed): no padding, no recomputation, no waiting for
 the longest sequence of a batch.
 
-A new request is prefilled alone (batch 1) into its own state, then decoded together with all active sequences,
-one token each per step. The model's rows do not interact, so a greedy completion is the same whether it ran alone
-or batched (up to the float rounding of a batched matmul, which does not change an argmax in practice).
+Each iteration admits queued requests up to a budget of prompt tokens to prefill (`Limits.max_prefill_tokens`, at
+least one request), prefills them (`serve.prefill`: the fresh prompts together, left-padded, in groups of similar
+length; a prompt that resumes from the prefix cache alone, from its own state), and then runs one decode step of
+all active sequences, one token each, before it admits more: a running stream waits for at most one budget of
+prefill per token. The model's rows do not interact, so a greedy completion is the same whether it ran alone or
+batched (up to the float rounding of a batched matmul, which does not change an argmax in practice).
 
 The engine thread owns the model, the caches and its own copy of the tokenizer; the web app talks to it through
 `submit`/`cancel` and receives events through each job's `sink`, which must be thread-safe.
@@ -31,6 +34,7 @@ from transformers import DynamicCache
 from modeling_itera.generation import compiled_decode_step
 
 from .metrics import Metrics
+from .prefill import Prefiller, Prompt, fresh_groups
 from .sampling import Penalties, SamplingParams, TokenLogprob, adjust_logits, next_tokens, token_logprobs
 from .state_cache import StateCache
 from .text import TextStream
@@ -61,6 +65,9 @@ class Limits:
     # Also keep a checkpoint every this many tokens of a prompt (0: prompt ends only). PyTorch takes them from the
     # chunked scan's chunk boundaries (free; the interval is rounded up to whole chunks); ONNX prefills in pieces.
     state_cache_interval: int = 64
+    # Prompt tokens to prefill per iteration, before the next decode step (a longer prompt still runs, alone): the
+    # longest a running stream waits between two tokens while new requests join.
+    max_prefill_tokens: int = 2048
 
 
 # Events a job's sink receives, in order: PromptScored per prompt (if asked), Delta*, Finished per choice, then Done;
@@ -187,6 +194,7 @@ class Engine:
         self._active: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self.state_cache = StateCache(limits.state_cache_bytes)
+        self.prefiller = Prefiller(model, self.new_cache, self.state_cache, limits.state_cache_interval)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -248,7 +256,8 @@ class Engine:
     def _iteration(self, jobs: list[Job]) -> None:
         """New jobs join the batch, all in one concatenation of the states (each join copies the whole batch's
         state, so jobs that arrive together join together); then one decode step for every active sequence."""
-        joining = [joined for job in jobs if (joined := self._prefill(job)) is not None]
+        prompts = self._prefill(jobs)
+        joining = [joined for job in jobs if (joined := self._join(job, prompts)) is not None]
         if joining:
             caches = [cache for cache, _ in joining]
             self._cache = concat_caches(([self._cache] if self._active else []) + caches)
@@ -263,41 +272,103 @@ class Engine:
             self._retire()
 
     def _take_jobs(self) -> list[Job] | None:
-        """The queued jobs that fit in the free slots, oldest first; waits while there is nothing to do."""
+        """The queued jobs that fit in the free slots and the prefill budget (at least one job), oldest first;
+        waits while there is nothing to do."""
         with self._cond:
             while not (self._stopping or self._queue or self._active):
                 self._cond.wait(IDLE_WAIT_S)
             if self._stopping:
                 return None
             free, jobs, now = self.limits.max_batch_size - len(self._active), [], time.monotonic()
+            budget = self.limits.max_prefill_tokens
             while self._queue:
                 job = self._queue[0]
                 if job.cancelled or now > job.deadline:
                     self._queue.popleft()
                     self._expire(job)
                     continue
-                if job.slots > free:  # first come, first served: a big job is not overtaken by small ones
+                cost = self._prefill_cost(job)
+                # First come, first served: a job that does not fit is not overtaken by smaller ones. Past the budget,
+                # the decode step of the running streams comes first; the first job runs whatever its length.
+                if job.slots > free or (jobs and cost > budget):
                     break
-                free -= job.slots
+                free, budget = free - job.slots, budget - cost
                 jobs.append(self._queue.popleft())
             return jobs
 
-    def _prefill(self, job: Job) -> tuple[object, list] | None:
-        """Runs each prompt alone into its own state and picks every choice's first token: (the job's states, one
-        row per choice, and its [(sequence, first token, logprob)]) to join the batch, or None (failed, or scoring
-        only)."""
+    def _prefill_cost(self, job: Job) -> int:
+        """The prompt tokens that `job` will prefill: those after the prefix each prompt resumes from."""
+        if job.prompt_logprobs:  # scored from the start, no lookup
+            return sum(len(ids) for ids in job.prompts)
+        return sum(len(ids) - self.state_cache.cached_length(ids) for ids in job.prompts)
+
+    def _prefill(self, jobs: list[Job]) -> dict[Job, list[Prompt]]:
+        """Every prompt of `jobs` into a batch-1 state with its last logits: resumed from the state cache where a
+        prefix of it is there, else from zero, the fresh ones batched. The prompts of each job that did not fail."""
+        prompts = [self._resume(job, p, ids) for job in jobs for p, ids in enumerate(job.prompts)]
+        alone = [[prompt] for prompt in prompts if not prompt.batchable and not prompt.prefilled]
+        fresh = fresh_groups([prompt for prompt in prompts if prompt.batchable])
+        for group in alone + fresh:
+            self._run_group(group)
+        by_job: dict[Job, list[Prompt]] = {}
+        for prompt in prompts:
+            if not prompt.job.ended:
+                by_job.setdefault(prompt.job, []).append(prompt)
+        return by_job
+
+    def _resume(self, job: Job, p: int, ids: list[int]) -> Prompt:
+        """Prompt p of `job`, with the longest prefix of it that the state cache holds (a whole prompt: nothing left
+        to run). A job that scores its prompt needs every position's logits: it starts from zero."""
+        start, cache, last = (0, None, None) if job.prompt_logprobs else self.state_cache.lookup(ids)
+        if self.state_cache.max_bytes and not job.prompt_logprobs:
+            self.metrics.state_lookup(hit=cache is not None)
+        prompt = Prompt(job, p, ids, start, cache)
+        if start == len(ids):
+            prompt.last = last
+        return prompt
+
+    def _run_group(self, group: list[Prompt]) -> None:
+        """Prefills a group of prompts (`Prefiller.run`). Where a batch fails, its prompts are run again one by
+        one, so that only the job whose prompt fails alone fails."""
+        group = [prompt for prompt in group if not prompt.job.ended]
+        if not group:
+            return
+        try:
+            logits = self.prefiller.run(group)
+        except Exception:
+            if len(group) > 1:
+                logger.exception("batched prefill failed; prefilling its %d prompts one by one", len(group))
+                for prompt in group:
+                    self._run_group([prompt])
+            else:
+                logger.exception("prefill failed")
+                self._fail(group[0].job, 500, "internal error during prefill", "server_error")
+            return
+        self.metrics.prefill_batch(len(group))
+        self.metrics.count_prompt(sum(len(prompt.ids) - prompt.start for prompt in group))
+        if group[0].job.prompt_logprobs:  # alone, from the start: every position's logits
+            prompt = group[0]
+            ids = torch.tensor(prompt.ids[1:], device=logits.device)
+            scored = token_logprobs(logits[0, :-1], ids, prompt.job.logprobs or 0)
+            self._send(prompt.job, PromptScored(prompt.index, [None, *scored]))
+
+    def _join(self, job: Job, prompts: dict[Job, list[Prompt]]) -> tuple[object, list] | None:
+        """Picks every choice's first token from its prompt's state: (the job's states, one row per choice, and its
+        [(sequence, first token, logprob)]) to join the batch, or None (failed, or scoring only)."""
+        if job not in prompts:
+            return None
         try:
             seqs, caches = [], []
-            for p, ids in enumerate(job.prompts):
-                cache, last = self._prefill_prompt(job, p, ids)
-                rows = [self._new_sequence(job, p * job.n + i) for i in range(job.n)]
+            for prompt in prompts[job]:
+                rows = [self._new_sequence(job, prompt.index * job.n + i) for i in range(job.n)]
                 if job.max_tokens == 0:  # scoring only: nothing to generate, the state is not kept
                     for seq in rows:
                         self._finish(seq, "length", "")
                     continue
+                cache = prompt.cache
                 if job.n > 1:  # n copies of the prompt's state, one slot per choice
                     cache.reorder_cache(torch.zeros(job.n, dtype=torch.long, device=self.device))
-                tokens, logprobs = self._choose(last[None].expand(job.n, -1), rows)
+                tokens, logprobs = self._choose(prompt.last[None].expand(job.n, -1), rows)
                 caches.append(cache)
                 seqs += zip(rows, tokens, logprobs)
         except Exception:
@@ -307,69 +378,6 @@ class Engine:
         if not caches:
             return None
         return (concat_caches(caches) if len(caches) > 1 else caches[0]), seqs
-
-    def _prefill_prompt(self, job: Job, p: int, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-        """One prompt's batch-1 state and (v,) last logits: from the state cache where a prefix of it is there
-        (only the rest is run), else from zero; the result goes into the cache for later prompts, with checkpoints
-        along the prompt, so that a later prompt that leaves this one anywhere resumes within an interval of it."""
-        start, cache, last = (0, None, None) if job.prompt_logprobs else self.state_cache.lookup(ids)
-        caching = bool(self.state_cache.max_bytes and not job.prompt_logprobs)
-        if caching:
-            self.metrics.state_lookup(hit=cache is not None)
-        if cache is None:
-            cache = self.new_cache()
-        read = len(ids) - start
-        if start < len(ids):
-            if caching and self.limits.state_cache_interval and isinstance(cache, DynamicCache):
-                cache.chunk_checkpoints = {}  # the scan records its chunk-boundary states (`_keep_checkpoints`)
-            elif caching and self.limits.state_cache_interval:  # another backend: prefill in pieces
-                for end in self._interval_ends(start, len(ids)):
-                    chunk = torch.tensor([ids[start:end]], device=self.device)
-                    out = self.model(chunk, cache=cache, use_cache=True, logits_to_keep=1)
-                    cache, start = out.cache, end
-                    self.state_cache.put(ids[:end], cache, out.logits[0, -1])
-            ids_t = torch.tensor([ids[start:]], device=self.device)
-            out = self.model(
-                ids_t, cache=cache, use_cache=True, logits_to_keep=0 if job.prompt_logprobs else 1
-            )  # logits_to_keep 0: every position's logits
-            cache, last = out.cache, out.logits[0, -1]
-            if getattr(cache, "chunk_checkpoints", None) is not None:
-                self._keep_checkpoints(ids, start, cache)
-            if job.prompt_logprobs:
-                scored = token_logprobs(out.logits[0, :-1], ids_t[0, 1:], job.logprobs or 0)
-                self._send(job, PromptScored(p, [None, *scored]))
-            if self.state_cache.max_bytes:
-                self.state_cache.put(ids, cache, last)
-        self.metrics.count_prompt(read)
-        return cache, last
-
-    def _keep_checkpoints(self, ids: list[int], start: int, cache: DynamicCache) -> None:
-        """Puts the chunk-boundary states that the mixers recorded during the prefill of `ids[start:]` into the state
-        cache, every `state_cache_interval` tokens (rounded up to whole chunks) from `start`: each a copy of the
-        final cache with the boundary's conv window and SSM state in place of the last ones."""
-        recorded = cache.chunk_checkpoints
-        del cache.chunk_checkpoints  # before any copy of the cache, and so that nothing else records into it
-        layers = range(len(cache.layers))
-        # Nothing to keep where a layer has no mixer, or the prefill was one token (a decode step records nothing).
-        if sorted(recorded) != list(layers) or any(recorded[i].keys() != {"conv", "ssm"} for i in layers):
-            return
-        chunk = self.model.config.chunk_size
-        every = -(-self.limits.state_cache_interval // chunk) * chunk
-        for j in range(recorded[0]["ssm"].shape[1]):
-            if ((j + 1) * chunk) % every:
-                continue
-            memo = {}  # deepcopy puts these in place of the final state's tensors, and copies the rest
-            for i, layer in enumerate(cache.layers):
-                memo[id(layer.conv_states[0])] = recorded[i]["conv"][:, j].clone()
-                memo[id(layer.recurrent_states[0])] = recorded[i]["ssm"][:, j].clone()
-            self.state_cache.put(ids[: start + (j + 1) * chunk], copy.deepcopy(cache, memo), None, owned=True)
-
-    def _interval_ends(self, start: int, length: int) -> range:
-        """The multiples of the state interval strictly between `start` and `length` (none if the interval is 0)."""
-        interval = self.limits.state_cache_interval
-        if not interval:
-            return range(0)
-        return range((start // interval + 1) * interval, length, interval)
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's next token (after its bias and penalties) and, where its job asks, the token's logprob

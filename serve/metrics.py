@@ -1,6 +1,6 @@
 """Prometheus metrics of the server, written in the text exposition format (version 0.0.4) by hand.
 
-Hand-written rather than `prometheus_client`: the server needs four counters and three histograms, which is less
+Hand-written rather than `prometheus_client`: the server needs five counters and four histograms, which is less
 code than the dependency's setup. Every update takes one lock, so the engine thread and the event loop can both
 record; a scrape renders a consistent snapshot.
 """
@@ -79,6 +79,9 @@ class Metrics:
             "itera_time_to_first_token_seconds", "Arrival to the first generated token.", LATENCY_BUCKETS
         )
         self.batch_size = Histogram("itera_decode_batch_size", "Sequences in each batched decode step.", BATCH_BUCKETS)
+        self.prefill_size = Histogram(
+            "itera_prefill_batch_size", "Prompts in each prefill forward (fresh prompts share one).", BATCH_BUCKETS
+        )
 
     def count_request(self, path: str, status: int) -> None:
         with self._lock:
@@ -95,6 +98,10 @@ class Metrics:
     def decode_step(self, batch: int) -> None:
         with self._lock:
             self.batch_size.observe(batch)
+
+    def prefill_batch(self, prompts: int) -> None:
+        with self._lock:
+            self.prefill_size.observe(prompts)
 
     def tokens(self, count: int) -> None:
         with self._lock:
@@ -114,7 +121,7 @@ class Metrics:
         with self._lock:
             metrics = (self.requests, self.completions, self.prompt_tokens, self.generated_tokens, self.state_lookups)
             lines = [line for metric in metrics for line in metric.render()]
-            for hist in (self.latency, self.first_token, self.batch_size):
+            for hist in (self.latency, self.first_token, self.batch_size, self.prefill_size):
                 lines += hist.render()
         for name, (help_text, read) in self.gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_number(read())}"]

@@ -1,10 +1,10 @@
 """The ONNX backend: an export folder (`python -m modeling_itera.export`) run by onnxruntime behind the same engine.
 
-`OnnxLM` answers the one call the engine makes of a causal LM, `model(input_ids, cache=..., use_cache=True,
-logits_to_keep=...)`, with the export's two graphs (`modeling_itera.onnx_runtime.IteraOnnxModel`), and `OnnxState`
-is the batched state the engine keeps between steps: per layer the conv window and the SSM state, as numpy arrays
-with the batch first. Everything above it (continuous batching, the prefix cache, sampling, penalties, logprobs,
-stop strings, n) is the engine's own code, shared with the PyTorch backend.
+`OnnxLM` answers the one call the engine makes of a causal LM, `model(input_ids, attention_mask=..., cache=...,
+use_cache=True, logits_to_keep=...)`, with the export's two graphs (`modeling_itera.onnx_runtime.IteraOnnxModel`),
+and `OnnxState` is the batched state the engine keeps between steps: per layer the conv window and the SSM state, as
+numpy arrays with the batch first. Everything above it (continuous batching, batched prefill, the prefix cache,
+sampling, penalties, logprobs, stop strings, n) is the engine's own code, shared with the PyTorch backend.
 
 The graphs take and return plain arrays, so the state is never updated in place: a state handed to the prefix
 cache stays what it was, and joining or leaving the batch is a concatenation or a row selection.
@@ -39,6 +39,10 @@ class OnnxState:
         rows = index.cpu().numpy()
         self.arrays = [a[rows] for a in self.arrays]
 
+    def row(self, r: int) -> OnnxState:
+        """Row r as a state of its own, copied: a view would keep the whole batch's arrays alive where it is kept."""
+        return OnnxState([a[r : r + 1].copy() for a in self.arrays])
+
     @staticmethod
     def concatenate(states: list[OnnxState]) -> OnnxState:
         """The states of several batches stacked into one, in order."""
@@ -72,20 +76,30 @@ class OnnxLM:
         return self.forward(*args, **kwargs)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: OnnxState | None = None, use_cache: bool = True, logits_to_keep: int = 1
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: OnnxState | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int = 1,
     ) -> Output:
         """input_ids (b, l) from the state `cache` (empty when None) -> the logits of the last `logits_to_keep`
-        positions (0: all) and the state after the last token. The engine's `use_cache` is always True here."""
+        positions (0: all) and the state after the last token. `attention_mask` (b, l), 0 for left padding, which
+        only the prefill graph from an empty state takes (padding there leaves the zero state at zero; a padded step
+        from a state would decay it). The engine's `use_cache` is always True here."""
         ids = input_ids.cpu().numpy()
         states = None if cache is None else cache.arrays
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.cpu().numpy()
+        if mask is not None and (states is not None or logits_to_keep != 1):
+            raise ValueError("left padding is for a prefill from an empty state that keeps the last logits only")
         if logits_to_keep == 0 or logits_to_keep > 1:  # the prefill graph returns the last position only
             logits, states = self._every_position(ids, states)
             logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
-        elif ids.shape[1] == 1:
+        elif ids.shape[1] == 1 and mask is None:
             last, states = self.onnx.decode(ids, self.onnx.zero_states(len(ids)) if states is None else states)
             logits = last[:, None]
         else:
-            last, states = self.onnx.prefill(ids, states=states)
+            last, states = self.onnx.prefill(ids, mask, states=states)
             logits = last[:, None]
         return Output(torch.from_numpy(np.ascontiguousarray(logits)), OnnxState(states))
 

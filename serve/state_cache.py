@@ -64,15 +64,7 @@ class StateCache:
     def lookup(self, ids: list[int]) -> tuple[int, object | None, torch.Tensor | None]:
         """(length of the longest cached prefix of `ids`, a copy of its state, its logits), or (0, None, None).
         A checkpoint (no logits) serves only a prompt longer than it: the next token needs the logits."""
-        node, depth, best = self.root, 0, None
-        while True:
-            if node.entry is not None and (depth < len(ids) or node.entry.logits is not None):
-                best = depth, node.entry
-            if depth >= len(ids) or (child := node.children.get(ids[depth])) is None:
-                break
-            if tuple(ids[depth : depth + len(child.edge)]) != child.edge:
-                break  # the prompt leaves the tree inside this edge: no entry lies inside an edge
-            node, depth = child, depth + len(child.edge)
+        best = self._deepest(ids)
         if best is None:
             self.misses += 1
             return 0, None, None
@@ -80,6 +72,24 @@ class StateCache:
         self.entries.move_to_end(tuple(ids[:length]))
         self.hits += 1
         return length, copy.deepcopy(entry.cache), entry.logits
+
+    def cached_length(self, ids: list[int]) -> int:
+        """The length of the prefix that `lookup(ids)` would resume from (0: none), without copying its state,
+        counting a lookup or refreshing its place in the LRU order: what the engine uses to plan its prefill."""
+        best = self._deepest(ids)
+        return 0 if best is None else best[0]
+
+    def _deepest(self, ids: list[int]) -> tuple[int, Entry] | None:
+        """(depth, entry) of the deepest entry on the path of `ids` that can serve it, or None."""
+        node, depth, best = self.root, 0, None
+        while True:
+            if node.entry is not None and (depth < len(ids) or node.entry.logits is not None):
+                best = depth, node.entry
+            if depth >= len(ids) or (child := node.children.get(ids[depth])) is None:
+                return best
+            if tuple(ids[depth : depth + len(child.edge)]) != child.edge:
+                return best  # the prompt leaves the tree inside this edge: no entry lies inside an edge
+            node, depth = child, depth + len(child.edge)
 
     def put(self, ids: list[int], cache, logits: torch.Tensor | None, owned: bool = False) -> None:
         """Keeps the batch-1 state after `ids` (and its (v,) logits, or None for a checkpoint inside a prompt): a

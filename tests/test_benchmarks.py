@@ -43,6 +43,14 @@ def test_load_test_soak_runs():
         assert level["wrong"] == 0 and level["ok"] > 0
 
 
+def test_load_test_with_distinct_prompts_streams_a_cold_prompt_per_request():
+    args = ["--tiny", "--distinct-prompts", "--clients", "2", "--requests", "4", "--max-tokens", "4", "--no-save"]
+    result = load_test.main([*args, "--server-threads", "1"])
+    [level] = result["levels"]
+    assert level["ok"] == 4 and level["first_byte_p50_s"] is not None and level["prompt_tokens_mean"] >= 100
+    assert len({load_test.distinct_prompt(0, i) for i in range(8)}) == 8
+
+
 def test_ttft_benchmark_runs():
     result = ttft.main(["--tiny", "--repeats", "2", "--no-save", "--server-threads", "1"])
     assert set(result["first_chunk_ms"]) == set(ttft.CASES) and all(v > 0 for v in result["first_chunk_ms"].values())
