@@ -25,9 +25,10 @@ from benchmarks.train import SETTINGS, Runner
 GROUPS = [
     ("matmul (mm, bmm, grouped mm)", lambda k: k in {"aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"}),
     ("attention (SDPA)", lambda k: "scaled_dot_product" in k),
-    ("loss: compiled chunk kernels", lambda k: k.startswith("graph_") and "log_softmax" in k),
+    # Inductor's kernels: `graph_N_cpp_fused_...`, or `cpp_fused_...` inside a nested compile region (the loss chunk)
+    ("loss: compiled chunk kernels", lambda k: "cpp_fused" in k and ("log_softmax" in k or "logsumexp" in k)),
     ("loss: eager log-softmax", lambda k: k.startswith("aten::") and ("log_softmax" in k or "nll_loss" in k)),
-    ("compiled elementwise kernels", lambda k: k.startswith("graph_")),
+    ("compiled elementwise kernels", lambda k: k.startswith(("graph_", "cpp_fused"))),
     ("copies, casts and fills", lambda k: k in {"aten::copy_", "aten::_to_copy", "aten::fill_", "aten::zero_"}),
     ("optimizer", lambda k: "Optimizer" in k or "_foreach" in k or k in {"aten::lerp_", "aten::addcdiv_"}),
 ]
